@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 # -----------------------------------------------------------------------------
 # Config
