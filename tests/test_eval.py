@@ -1,0 +1,288 @@
+"""Tests of eval.py: metric core, extractors, sampler, records. Fast (< 60 s on 2 CPU cores), offline."""
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import itertools
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+import eval as ev
+
+
+# ---------------------------------------------------------------------------------------------- Fréchet distance
+def test_frechet_identical_sets_is_zero():
+    f = np.random.default_rng(0).normal(size=(500, 16))
+    assert abs(ev.frechet_from_features(f, f)) < 1e-9
+
+
+def test_frechet_closed_form_diagonal_gaussians():
+    # Commuting covariances: FD = |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2.
+    rng = np.random.default_rng(1)
+    mu1, mu2, a, b = rng.normal(size=8), rng.normal(size=8), rng.uniform(0.1, 3, 8), rng.uniform(0.1, 3, 8)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert ev.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("n", [400, 40])  # 40 samples in 64 dims: singular covariances (clipping matters)
+def test_frechet_matches_scipy_sqrtm(n):
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=(n, 64)) @ rng.normal(size=(64, 64)) * 0.3
+    b = rng.normal(size=(n, 64)) @ rng.normal(size=(64, 64)) * 0.3 + 0.5
+    mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- MMD
+def unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_mmd_identical_is_zero_and_matches_brute_force():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 5)), rng.normal(size=(15, 5)) + 0.7
+    assert abs(ev.mmd(x, x)) < 1e-9
+
+    def k(a, b):
+        return np.exp(-((a - b) ** 2).sum() / (2 * 10.0**2))
+
+    kxx = sum(k(a, b) for a in x for b in x) / len(x) ** 2
+    kyy = sum(k(a, b) for a in y for b in y) / len(y) ** 2
+    kxy = sum(k(a, b) for a in x for b in y) / (len(x) * len(y))
+    assert ev.mmd(x, y, chunk=7) == pytest.approx(1000 * (kxx + kyy - 2 * kxy), rel=1e-10)
+
+
+# Analytic constant: with k = exp(-d/200), d = |x-y|^2, to first order k = 1 - d/200. Biased means over all pairs:
+# mean_xx d = 2 mean|x|^2 - 2|m_x|^2, mean_xy d = mean|x|^2 + mean|y|^2 - 2 m_x.m_y, so
+# MMD^2 = (1/200) (2|m_x|^2 + 2|m_y|^2 - 4 m_x.m_y) = |m_x - m_y|^2 / 100, i.e. 10 |m_x - m_y|^2 after x1000.
+# Same distribution, unit-norm features: E|m_x - m_y|^2 = 2 tr(Cov)/n = 2 (1 - |mu|^2)/n -> floor 20 (1 - |mu|^2)/n.
+def test_mmd_same_distribution_sits_at_the_noise_floor():
+    rng = np.random.default_rng(0)
+    direction = np.zeros(64)
+    direction[0] = 3.0
+
+    def draw(n):
+        return unit(rng.normal(size=(n, 64)) + direction)
+
+    mu2 = (draw(200_000).mean(0) ** 2).sum()
+    n = 200
+    mean_mmd = np.mean([ev.mmd(draw(n), draw(n)) for _ in range(50)])
+    assert mean_mmd == pytest.approx(20 * (1 - mu2) / n, rel=0.1)
+
+
+def test_mmd_mean_shift_is_ten_times_squared_shift():
+    rng = np.random.default_rng(0)
+    shift = np.zeros(32)
+    shift[:4] = 0.15  # |shift|^2 = 0.09
+    x, y = rng.normal(size=(400, 32)) * 0.1, rng.normal(size=(400, 32)) * 0.1 + shift
+    m = ev.mmd(x, y)
+    assert m == pytest.approx(10 * ((x.mean(0) - y.mean(0)) ** 2).sum(), rel=0.02)
+    assert m == pytest.approx(10 * 0.09, rel=0.15)
+
+
+# ---------------------------------------------------------------------------------------------- extractors
+def test_tf_bilinear_resize():
+    x = torch.arange(16.0).view(1, 1, 4, 4).expand(1, 3, 4, 4)
+    assert torch.equal(ev.tf_bilinear(x, 4), x)  # same size: identity
+    up = ev.tf_bilinear(x, 8)  # TF legacy: src = dst * in/out, so output pixel 1 sits at source 0.5
+    assert up[0, 0, 0, 1].item() == pytest.approx(0.5) and up[0, 0, 1, 0].item() == pytest.approx(2.0)
+    assert up[0, 0, 7, 7].item() == 15.0  # clamped at the border
+
+
+def test_inception_real_weights_offline_uint8_equals_float():
+    inc = ev.InceptionFeatures()
+    u8 = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    u8[0, 0, 0, 0], u8[1, 0, 0, 0] = 255, 0  # extremes (the modulo-256 wrap-around bug would change them)
+    f_u8, f_float = inc(u8), inc(u8.float() / 127.5 - 1)
+    assert f_u8.shape == (2, 2048) and np.isfinite(f_u8).all() and f_u8.std() > 0
+    np.testing.assert_array_equal(f_u8, f_float)
+    assert not np.allclose(f_u8[0], f_u8[1])
+    assert torch.equal(ev.to_uint8(torch.tensor([-1.0, 1.0, 2.0])), torch.tensor([0, 255, 255], dtype=torch.uint8))
+
+
+def test_tiny_clip_and_dino_load_through_the_production_path(tmp_path):
+    import transformers as tr
+    torch.manual_seed(0)
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    tr.CLIPVisionModelWithProjection(tr.CLIPVisionConfig(**small, image_size=336, patch_size=14, projection_dim=16)
+                                     ).save_pretrained(tmp_path / "clip")
+    tr.Dinov2WithRegistersModel(tr.Dinov2WithRegistersConfig(**small, image_size=518, patch_size=14)
+                                ).save_pretrained(tmp_path / "dinoreg")
+    tr.Dinov2Model(tr.Dinov2Config(**small, image_size=224, patch_size=14)).save_pretrained(tmp_path / "dino")
+    paths = {"cmmd": str(tmp_path / "clip"), "dino_mmd": str(tmp_path / "dinoreg"), "fd_dinov2": str(tmp_path / "dino")}
+    ex, missing = ev.build_extractors((), paths)
+    assert set(ex) == {"cmmd", "dino_mmd", "fd_dinov2"} and not missing
+    imgs = torch.randint(0, 256, (2, 3, 40, 48), dtype=torch.uint8)  # non-square: centre crop
+    f = {m: e(imgs) for m, e in ex.items()}
+    assert f["cmmd"].shape == (2, 16) and f["dino_mmd"].shape == (2, 32) and f["fd_dinov2"].shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(f["cmmd"], axis=1), 1, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(f["dino_mmd"], axis=1), 1, atol=1e-12)
+    assert not np.allclose(np.linalg.norm(f["fd_dinov2"], axis=1), 1)  # FD-DINOv2 uses raw features
+    ex2, missing2 = ev.build_extractors((), {"cmmd": str(tmp_path / "absent")})
+    assert "cmmd" not in ex2 and missing2["cmmd"].startswith("unavailable")
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+class Oracle(torch.nn.Module):
+    """Test double: the text embedding carries the true x0 of each sample (zeros for the null condition).
+    skip_middle=True (the PDG weak branch) adds 0.1; `calls` records (t, null?) of each call."""
+
+    def __init__(self, damp=0.0):
+        super().__init__()
+        self.w, self.damp, self.calls = torch.nn.Parameter(torch.zeros(())), damp, []
+
+    def forward(self, x, t, txt, txt_mask, skip_middle=False):
+        self.calls.append((float(t[0]), not bool(txt_mask.any())))
+        out = (txt[:, 0] * txt_mask[:, :1]).view_as(x) + (0.1 if skip_middle else 0.0)
+        return out + self.damp * x * t.view(-1, 1, 1, 1)  # damp > 0: the result depends on the noise
+
+
+class BankEncoder:
+    """Test double of data.TextEncoder: prompt "i" -> image i of a fixed bank, "" -> zeros."""
+
+    def __init__(self, bank):
+        self.bank = bank
+
+    def encode(self, prompts):
+        emb = torch.stack([self.bank[int(p)].flatten()[None] for p in prompts])
+        return emb, torch.ones(len(prompts), 1, dtype=bool)
+
+    def null(self):
+        return torch.zeros(1, 1, self.bank[0].numel()), torch.zeros(1, 1, dtype=bool)
+
+
+def oracle_inputs(b=3, res=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(b, 3, res, res, generator=g) * 0.4 - 0.2
+    null = torch.zeros(1, 1, 3 * res * res), torch.zeros(1, 1, dtype=bool)
+    return x0, x0.flatten(1)[:, None], torch.ones(b, 1, dtype=bool), *null, torch.randn(b, 3, res, res, generator=g)
+
+
+@pytest.mark.parametrize("method,shift", [("euler", 1.0), ("euler", 3.0), ("heun", 1.0), ("heun", 3.0)])
+def test_sampler_with_true_x0_returns_x0(method, shift):
+    x0, txt, mask, null, null_mask, noise = oracle_inputs()
+    out = ev.sample(Oracle(), txt, mask, null, null_mask, noise, steps=10, method=method, shift=shift)
+    torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
+    grid = ev.time_grid(10, shift)
+    assert grid[0] == 1.0 and grid[-1] == 0.0 and all(a > b for a, b in itertools.pairwise(grid))
+    assert grid[5] == pytest.approx(shift * 0.5 / (1 + (shift - 1) * 0.5))
+
+
+def test_guidance_scale_interval_and_pdg():
+    x0, txt, mask, null, null_mask, noise = oracle_inputs()
+    out = ev.sample(Oracle(), txt, mask, null, null_mask, noise, steps=8, cfg_scale=3.0)  # weak = "" -> 0
+    torch.testing.assert_close(out, 3.0 * x0, atol=1e-5, rtol=0)
+    out = ev.sample(Oracle(), txt, mask, null, null_mask, noise, steps=8, cfg_scale=3.0, weak="pdg")  # weak = 0.1
+    torch.testing.assert_close(out, 0.1 + 3.0 * (x0 - 0.1), atol=1e-5, rtol=0)
+    m = Oracle()
+    out = ev.sample(m, txt, mask, null, null_mask, noise, steps=8, cfg_scale=3.0, interval=(0.3, 0.8), method="heun")
+    torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)  # the last step (t = 1/8) is outside the interval
+    cond_t = [t for t, is_null in m.calls if not is_null]
+    assert sorted(t for t, is_null in m.calls if is_null) == sorted(t for t in cond_t if 0.3 <= t <= 0.8)
+    assert any(0.3 <= t <= 0.8 for t in cond_t) and any(not 0.3 <= t <= 0.8 for t in cond_t)
+
+
+def test_generate_is_batch_size_and_split_invariant():
+    bank = torch.rand(6, 3, 8, 8) - 0.5
+    enc, proto = BankEncoder(bank), dict(ev.PROTOCOLS["cpu"], steps=6, cfg_scale=2.0, method="heun")
+    prompts, idx = [str(i) for i in range(6)], list(range(100, 106))
+
+    def run(bs, sel):
+        return torch.cat([x for _, x in ev.generate(Oracle(damp=0.3), enc, [prompts[i] for i in sel],
+                                                    [idx[i] for i in sel], 8, proto, batch_size=bs)])
+
+    one, four = run(1, range(6)), run(4, range(6))
+    assert one.dtype == torch.uint8 and torch.equal(one, four)
+    assert torch.equal(run(4, [1, 3, 5]), one[[1, 3, 5]])  # rank 1 of world 2 computes the same images
+    assert not torch.equal(one, torch.cat([x for _, x in ev.generate(
+        Oracle(damp=0.3), enc, prompts, [i + 1 for i in idx], 8, proto)]))  # noise does depend on the index
+
+
+def test_sample_grid_writes_png(tmp_path):
+    from PIL import Image
+    bank = torch.rand(5, 3, 8, 8) * 0.6 - 0.3
+    imgs = ev.sample_grid(Oracle(), BankEncoder(bank), [str(i) for i in range(5)], 8, tmp_path / "g.png", steps=4,
+                          cfg_scale=2.0)
+    assert Image.open(tmp_path / "g.png").size == (24, 16)  # 3 columns x 2 rows of 8 px
+    assert (imgs.int() - ev.to_uint8(2 * bank).int()).abs().max() <= 1  # guided x0 = 2 x0 (rounding: 1 level)
+    assert torch.equal(torch.from_numpy(np.array(Image.open(tmp_path / "g.png")))[:8, :8].permute(2, 0, 1), imgs[0])
+
+
+# ---------------------------------------------------------------------------------------------- records
+def write_metrics(root, track, folder, **kw):
+    d = Path(root) / track / folder
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps(dict(track=track, **kw)))
+
+
+def test_leaderboard_regeneration(tmp_path):
+    root = tmp_path / "records"
+    write_metrics(root, "cpu", "2025-01-02_b", fid=12.3456, n=1000, wall_clock_s=1800, hardware="CPU x2",
+                  date="2025-01-02", description="second")
+    write_metrics(root, "cpu", "2025-01-01_a", fid=20.0, cmmd=None, n=1000, wall_clock_s=7200.0, hardware="CPU x2",
+                  date="2025-01-01", description="first")
+    for p in (tmp_path / "README.md", root / "README.md"):
+        p.write_text("# T\n\n<!-- records:start -->\nold\n<!-- records:end -->\n\nafter\n")
+    assert len(ev.write_leaderboard(root, (tmp_path / "README.md", root / "README.md"))) == 2
+    expected = ("### cpu track\n\n"
+                "| # | FID | CMMD | DINO-MMD | N | wall clock | hardware | date | description | folder |\n"
+                "|---|---|---|---|---|---|---|---|---|---|\n"
+                "| 1 | 20.00 | - | - | 1000 | 2.00 h | CPU x2 | 2025-01-01 | first | "
+                "[cpu/2025-01-01_a](cpu/2025-01-01_a) |\n"
+                "| 2 | 12.35 | - | - | 1000 | 30.0 min | CPU x2 | 2025-01-02 | second | "
+                "[cpu/2025-01-02_b](cpu/2025-01-02_b) |")
+    assert (root / "README.md").read_text() == (f"# T\n\n<!-- records:start -->\n{expected}\n<!-- records:end -->"
+                                                "\n\nafter\n")
+    assert "[cpu/2025-01-01_a](records/cpu/2025-01-01_a)" in (tmp_path / "README.md").read_text()
+
+
+def test_parse_log_and_verify(tmp_path):
+    log = tmp_path / "log.txt"
+    files = {"train.py": "print('train')\n", "model.py": "x = 1\n\n", "data.py": "y = 2"}  # data.py: no final newline
+    text = "".join(f"==== {n} sha256:{hashlib.sha256(s.encode()).hexdigest()} ====\n{s}" +
+                   ("" if s.endswith("\n") else "\n") for n, s in files.items())
+    log.write_text(text + "env: torch\nstep:1/10 stage:1 loss:0.5 lr:1e-4 ms:120\nstep:2/10 stage:1 loss:0.25 ms:80\n")
+    assert {k: v[1] for k, v in ev.embedded_sources(log.read_text()).items()} == files
+    rows = ev.parse_log(log)
+    assert rows == [{"step": 1.0, "stage": 1.0, "loss": 0.5, "lr": 1e-4, "ms": 120.0},
+                    {"step": 2.0, "stage": 1.0, "loss": 0.25, "ms": 80.0}]
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    (rec / "log.txt").write_text(log.read_text())
+    for n, s in files.items():
+        (rec / n).write_text(s)
+    (rec / "metrics.json").write_text(json.dumps({"code_hashes": {n: ev.sha256(rec / n) for n in files}}))
+    assert ev.verify(rec) == []
+    (rec / "model.py").write_text("x = 2\n")
+    assert ev.verify(rec) == ["model.py: folder copy differs from log.txt", "model.py: hash differs from metrics.json"]
+
+
+def test_protocol_blocks_are_hashed():
+    h = {k: ev.protocol_hash(p) for k, p in ev.PROTOCOLS.items()}
+    assert len(set(h.values())) == 2 and all(len(v) == 16 for v in h.values())
+    assert ev.protocol_hash(dict(ev.PROTOCOLS["cpu"], steps=33)) != h["cpu"]
+
+
+def test_record_eval_set_is_the_heldout_split(tmp_path, monkeypatch):
+    import test_data
+
+    import data
+
+    ids = test_data._ids(20, heldout=3)
+    (tmp_path / "mj-llava").mkdir()
+    test_data._shard(tmp_path / "mj-llava" / "train_000.parquet", ids, np.random.default_rng(0))
+    monkeypatch.setattr(data, "DATA_ROOT", tmp_path)
+    prompts, image, check = ev.eval_set("record", 3, 32)
+    assert prompts == [f"a long caption of {i}" for i in ids if data.is_heldout(i)]  # long captions of held-out rows
+    assert image(2).shape == (3, 32, 32) and image(2).dtype == torch.uint8 and check is None
+    with pytest.raises(ValueError, match="fewer than N=4"):
+        ev.eval_set("record", 4, 32)
