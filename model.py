@@ -121,6 +121,13 @@ def sprint_keep_indices(batch, gh, gw, generator=None, device=None):
 # The PRX block
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm with the weight cast to the input's dtype, so that under bf16 autocast the fused kernel runs."""
+
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
@@ -137,7 +144,7 @@ class Block(nn.Module):
         nn.init.zeros_(self.mod.bias)
         self.qkv = nn.Linear(H, 3 * H, bias=False)
         self.txt_kv = nn.Linear(H, 2 * H, bias=False)  # per-block text keys/values; text itself is never updated
-        self.q_norm, self.k_norm, self.txt_k_norm = (nn.RMSNorm(hd, eps=1e-6) for _ in range(3))
+        self.q_norm, self.k_norm, self.txt_k_norm = (RMSNorm(hd, eps=1e-6) for _ in range(3))
         self.proj = nn.Linear(H, H, bias=False)
         self.gate = nn.Linear(H, cfg.mlp_hidden, bias=False)
         self.up = nn.Linear(H, cfg.mlp_hidden, bias=False)

@@ -1,0 +1,29 @@
+"""The GPU readiness check runs end to end on the CPU (tiny preset) and its cost model is right."""
+
+import dataclasses
+
+import gpu_check
+
+import model
+import train
+
+
+def test_gpu_check_runs_on_cpu(capsys):
+    rows = gpu_check.main(["--cpu", "--reps", "1"])
+    out = capsys.readouterr().out
+    assert [r["stage"] for r in rows] == [s.name for s in train.CPU.stages]
+    for r in rows:
+        assert r["fp32"] and r["img_s"] > 0 and r["loss"] == r["loss"]  # FP32 weights, finite loss
+    assert rows[0]["teacher_share"] > 0 and all(r["teacher_share"] == 0 for r in rows[1:])  # REPA only in burn-in
+    assert "| stage |" in out and "SPRINT speed-up" in out and "world 8" in out
+
+
+def test_newton_schulz_flops_and_muon_cost_model():
+    assert gpu_check.ns_flops((6, 4)) == 5 * (2 * 16 * 6 + 2 * 64 + 2 * 16 * 6)  # transposed: m=4, n=6
+    cfg = model.PRESETS["tiny"]
+    st = dataclasses.replace(train.CPU.stages[0], batch=8)
+    one, eight = gpu_check.muon_cost_model(cfg, [st], worlds=(1, 8))
+    n_ns = sum(gpu_check.ns_flops(p.shape) for p in model.PRX(cfg).muon_params())
+    assert one[2] == n_ns and one[3] == 8 * model.train_flops(cfg, st.res, 256, st.drop)
+    # tiny: 6 blocks -> 6 matrices of each shape: 8 ranks leave every rank at most one per shape
+    assert eight[2] == n_ns / 6 and eight[3] == one[3] / 8

@@ -1,0 +1,277 @@
+"""train.py: distributed Muon = torch.optim.Muon, world-size invariance under torchrun, FP32 state under autocast,
+stage transitions, time cap, non-finite loss, kill-and-resume, and the CPU track end to end (shortened)."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import eval as evaluation
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+HELPER = ROOT / "tests" / "train_dist_helper.py"
+SCALE = "0.04"  # the CPU track at 4 % of its steps: 12 / 16 / 6 / 4 steps
+# 32 px (4x4 tokens of 8 px), global batch 4 in micro-batches of 2: accumulation, REPA, SPRINT, mixed captions
+TINY = dataclasses.replace(train.CPU, warmup=2, ckpt_every=1000, stages=(
+    train.Stage("burn-in", 32, 2, 4, 2, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
+    train.Stage("main", 32, 2, 4, 2, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), "scenes"),
+    train.Stage("high-res", 32, 2, 4, 2, ("long", 0.0), 0.0, 0.75, 0.5, (1.0, 1.0), "scenes"),
+    train.Stage("sft", 32, 3, 4, 2, ("mixed", 0.5), 0.0, 0.0, 0.5, (1.0, 0.0), "scenes")))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """2 shared cores: one thread per process avoids OpenMP oversubscription (100x slowdowns seen here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def env_for(out, **kw):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPEEDRUN_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env.update(OMP_NUM_THREADS="1", SPEEDRUN_TRACK="cpu", SPEEDRUN_OUT=str(out), **kw)
+    return env
+
+
+def run_train(out, timeout=240, **kw):
+    return subprocess.run([sys.executable, str(ROOT / "train.py")], env=env_for(out, **kw), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def final_weights(out, run_id):
+    ckpt = train.latest_checkpoint(out / "checkpoints" / run_id)
+    return ckpt, load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "ema.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------------------- Muon
+
+
+def test_muon_matches_torch_muon():
+    """One process: the same update as torch.optim.Muon(adjust_lr_fn="match_rms_adamw"), bit for bit (same bf16
+    Newton-Schulz op sequence), over tall, wide and square matrices, with weight decay and Nesterov momentum."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(48, 16), (16, 48), (32, 32), (48, 16)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = train.Muon(ours, lr=0.02, weight_decay=0.1, momentum=0.95)
+    opt_ref = torch.optim.Muon(ref, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
+                               adjust_lr_fn="match_rms_adamw")
+    start = [p.detach().clone() for p in ours]
+    for _ in range(4):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        opt_ref.step()
+    for p, q, s in zip(ours, ref, start):
+        assert not torch.equal(p, s)
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
+
+
+def test_two_processes_match_one(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo) vs one process, same global batch: distributed Muon and gradient
+    accumulation (4 micro-batches vs 2 per rank) give the same weights, up to float summation order."""
+    outs = {}
+    for name, cmd in (("one", [sys.executable, str(HELPER)]),
+                      ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(HELPER)])):
+        r = subprocess.run(cmd + [str(tmp_path / name)], env=env_for(tmp_path), cwd=ROOT, capture_output=True,
+                           text=True, timeout=180, check=False)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert ("accum:4" if name == "one" else "accum:2") in r.stdout
+        outs[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    import train_dist_helper
+    torch.manual_seed(train_dist_helper.TRACK.seed)
+    init = train.PRX(dataclasses.replace(train.PRESETS["tiny"], text_dim=384)).state_dict()
+    moved = max((outs["one"][k] - init[k]).abs().max().item() for k in init)
+    diff = max((outs["one"][k] - outs["two"][k]).abs().max().item() for k in init)
+    assert moved > 1e-3  # the steps did train
+    assert diff < 1e-3 * moved, (diff, moved)  # measured ~1e-6 vs ~2e-3
+    # distributed Muon on 5 + 1 matrices (a rank with no matrix sends zeros): bit-identical to torch.optim.Muon
+    params, grads = train_dist_helper.muon_matrices()
+    opt = torch.optim.Muon(params, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    for name in ("one", "two"):
+        got = load_file(str(tmp_path / name / "muon.safetensors"))
+        assert all(torch.equal(got[f"p{i}"], p.detach()) for i, p in enumerate(params)), name
+
+
+# ---------------------------------------------------------------------------------------------------------- in-process
+
+
+def make_run(tmp_path, track=TINY):
+    run = train.setup({"SPEEDRUN_OUT": str(tmp_path)}, track=track)
+    run.id = "test"
+    return run
+
+
+def test_fp32_state_under_autocast(tmp_path):
+    run = make_run(tmp_path)
+    run.amp = torch.bfloat16  # CPU autocast, as CUDA runs under bf16 autocast
+    seen = []
+    run.model.blocks[0].qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    train.enter_stage(run, 0)  # REPA on: the projector's AdamW state too
+    for _ in range(2):
+        m = train.train_step(run)
+        assert torch.isfinite(torch.tensor(m["loss"]))
+    assert seen and all(d == torch.bfloat16 for d in seen)  # autocast really ran the matmuls in bf16
+    for mod in (run.model, run.ema, run.projector):
+        assert all(p.dtype == torch.float32 for p in mod.parameters())
+    for opt in (run.adamw, run.muon):
+        states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1]
+        assert states and all(v.dtype == torch.float32 for v in states)
+
+
+def test_repa_loss_gathers_teacher_tokens_at_kept_indices():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 16, 8, generator=g)  # teacher tokens of a 4x4 grid
+    keep = train.sprint_keep_indices(2, 4, 4, generator=g)
+    kept = y.gather(1, keep[..., None].expand(-1, -1, 8))
+    ident = torch.nn.Identity()
+    assert torch.allclose(train.repa_loss(ident, kept, y, keep), torch.full((2,), -1.0))  # aligned at kept tokens
+    assert torch.allclose(train.repa_loss(ident, y, y), torch.full((2,), -1.0))  # dense
+    assert (train.repa_loss(ident, y[:, :4], y, keep) > -0.9).all()  # other tokens: not aligned
+
+
+def test_stage_transitions(tmp_path, monkeypatch):
+    """REPA (loss, teacher, projector group) only in stage 1; SPRINT keep indices only in stage 3; short captions
+    only in stage 4; LR cools down to 0 at the end."""
+    run = make_run(tmp_path)
+    batches, calls = [], []
+    next_batch = train.next_batch
+    monkeypatch.setattr(train, "next_batch", lambda r: batches.append(next_batch(r)) or batches[-1])
+    run.model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
+    per_stage = {}
+    total = sum(s.steps for s in TINY.stages)
+    while run.step < total:
+        k = train.stage_at(TINY, run.step)
+        if k != run.k:
+            train.enter_stage(run, k)
+        batches.clear()
+        calls.clear()
+        m = train.train_step(run)
+        groups = [g["name"] for g in run.adamw.param_groups]
+        per_stage.setdefault(k, []).append(dict(
+            m, teacher=run.teacher is not None, groups=groups, keep=[c["keep_idx"] is not None for c in calls],
+            short=[bool(b["short"].any()) for b in batches], n_state=len(run.adamw.state)))
+    s1, s2, s3, s4 = (per_stage[k] for k in range(4))
+    assert all(r["repa"] is not None and r["teacher"] and "repa" in r["groups"] for r in s1)
+    assert all(r["repa"] is None and not r["teacher"] and r["groups"] == ["model"] for r in s2 + s3 + s4)
+    assert s2[0]["n_state"] == len(list(run.model.adamw_params()))  # projector's Adam state is gone
+    assert all(any(r["keep"]) is False for r in s1 + s2 + s4) and all(all(r["keep"]) for r in s3)
+    assert not any(any(r["short"]) for r in s1 + s2 + s3) and any(any(r["short"]) for r in s4)
+    assert s4[0]["lr"] > s4[1]["lr"] > s4[2]["lr"] > 0 and train.lr_at(TINY, total) == 0.0
+    assert train.lr_at(TINY, 0) < train.lr_at(TINY, 1) == TINY.lr  # warmup
+
+
+def cpu_env(out, **kw):
+    env = env_for(out, SPEEDRUN_STEPS_SCALE="0.01", **kw)  # 3 / 4 / 2 / 1 steps
+    env.pop("SPEEDRUN_TRACK")
+    return env
+
+
+def test_time_cap_saves_and_stops(tmp_path):
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        code = train.main(cpu_env(tmp_path, SPEEDRUN_RUN_ID="cap", SPEEDRUN_TIME_CAP_S="0"))
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    log = (tmp_path / "logs" / "cap.txt").read_text()
+    assert code == 0 and "track:cpu" in log and "STOP: wall-clock cap 0 s reached; saved at step 1" in log
+    assert train.latest_checkpoint(tmp_path / "checkpoints" / "cap").name == "step-00000001"
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    loss_fn = train.flow_matching_loss
+
+    def poisoned(model, x0, *a, **kw):  # the weights blow up after two steps
+        loss, h, kept = loss_fn(model, x0, *a, **kw)
+        return (loss * float("nan") if train_step_count[0] >= 2 else loss), h, kept
+
+    train_step_count = [0]
+    step = train.train_step
+    monkeypatch.setattr(train, "flow_matching_loss", poisoned)
+    monkeypatch.setattr(train, "train_step", lambda r: (step(r), train_step_count.__setitem__(0, r.step))[0])
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        code = train.main(cpu_env(tmp_path, SPEEDRUN_RUN_ID="nan", SPEEDRUN_CKPT_EVERY="2"))
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    log = (tmp_path / "logs" / "nan.txt").read_text()
+    assert code == 1 and "STOP: non-finite loss at step 3" in log
+    ckpt = train.latest_checkpoint(tmp_path / "checkpoints" / "nan")
+    assert ckpt.name == "step-00000002"
+    assert torch.isfinite(load_file(str(ckpt / "model.safetensors"))["final.weight"]).all()
+
+
+# ---------------------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The CPU track, shortened, run uninterrupted as `python train.py` would run it."""
+    out = tmp_path_factory.mktemp("cpu_track")
+    r = run_train(out, SPEEDRUN_STEPS_SCALE=SCALE, SPEEDRUN_RUN_ID="ref", SPEEDRUN_CKPT_EVERY="5")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+def test_cpu_track_end_to_end(reference):
+    out = reference
+    log = (out / "logs" / "ref.txt").read_text()
+    src = evaluation.embedded_sources(log)  # the eval helper's `verify` parser
+    for name in ("train.py", "model.py", "data.py"):
+        assert src[name][0] == evaluation.sha256(ROOT / name) and src[name][1] is not None, name
+    for key in ("git:", "dirty:", "data_manifest:scenes:", "python:", "torch:", "world:1", "track:cpu",
+                "STAND-IN teacher", "teacher freed", "captions:mixed:0.5", "sprint_drop:0.75", "done: track:cpu"):
+        assert key in log, key
+    rows = evaluation.parse_log(out / "logs" / "ref.txt")
+    total = sum(round(s.steps * float(SCALE)) for s in train.CPU.stages)
+    assert [r["step"] for r in rows] == list(range(1, total + 1))
+    assert {r["stage"] for r in rows} == {1, 2, 3, 4}
+    assert all(("repa" in r) == (r["stage"] == 1) for r in rows)
+    for key in ("loss", "lr", "gnorm", "ms", "img/s", "mfu", "mem_gb"):
+        assert all(key in r for r in rows), key
+    s2 = [r["loss"] for r in rows if r["stage"] == 2]
+    first = sum(r["loss"] for r in rows[:3]) / 3
+    assert sum(s2[-5:]) / 5 < 0.5 * first  # loss falls (same 64 px resolution)
+    lr4 = [r["lr"] for r in rows if r["stage"] == 4]  # the cooldown
+    assert lr4 == sorted(lr4, reverse=True) and lr4[-1] < lr4[0] == max(r["lr"] for r in rows)
+    grids = sorted(p.name for p in (out / "logs" / "ref-samples").glob("*.png"))
+    assert grids == ["stage1-burn-in.png", "stage2-main.png", "stage3-high-res.png", "stage4-sft.png"]
+    ckpt, _weights, ema = final_weights(out, "ref")
+    assert ckpt.name == f"step-{total:08d}" and len(list(ckpt.parent.glob("step-*"))) == 1
+    model, _ = evaluation.load_checkpoint(ckpt)  # eval.py reads the checkpoint's config.json + EMA
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+
+
+def test_kill_and_resume_match_uninterrupted(reference):
+    """SIGTERM (saves, exits 0), resume, SIGKILL between checkpoints, resume: the same final weights and EMA as the
+    uninterrupted run, bit for bit (exact data position, per-sample noise, optimizer state)."""
+    out, env = reference, {"SPEEDRUN_STEPS_SCALE": SCALE, "SPEEDRUN_CKPT_EVERY": "5"}
+    r = run_train(out, SPEEDRUN_RUN_ID="kill", SPEEDRUN_KILL_AT="7:TERM", **env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert train.latest_checkpoint(out / "checkpoints" / "kill").name == "step-00000008"
+    r = run_train(out, SPEEDRUN_RESUME="kill", SPEEDRUN_KILL_AT="22:KILL", **env)
+    assert r.returncode == -signal.SIGKILL
+    assert train.latest_checkpoint(out / "checkpoints" / "kill").name == "step-00000020"
+    r = run_train(out, SPEEDRUN_RESUME="kill", **env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = (out / "logs" / "kill.txt").read_text()
+    assert "STOP: SIGTERM; saved at step 8" in log and "at step:8" in log and "at step:20" in log
+    _, w_ref, e_ref = final_weights(out, "ref")
+    ckpt, w, e = final_weights(out, "kill")
+    assert ckpt.name == train.latest_checkpoint(out / "checkpoints" / "ref").name
+    assert all(torch.equal(w[k], w_ref[k]) for k in w_ref) and all(torch.equal(e[k], e_ref[k]) for k in e_ref)
