@@ -448,6 +448,30 @@ class ParquetSource:
                            t.column(self.short).to_pylist() if self.short else [None] * n)
 
 
+class MixSource:
+    """Every training row of `a` per epoch plus rows of a small set `b` (e.g. the 3,350 curated Alchemist pairs,
+    repeated as needed) making up a fraction `frac` of the stream, inserted at seeded positions so that a's
+    row-group locality is kept. Rows of b are numbered after a's."""
+
+    def __init__(self, a, b, frac):
+        self.a, self.b, self.frac, self.bad = a, b, frac, a.bad + b.bad
+        self.n_b = round(frac / (1 - frac) * a.num_rows)
+        self.num_rows, self.total_rows = a.num_rows + self.n_b, a.total_rows + b.total_rows
+        self.fingerprint = hashlib.sha256(f"{a.fingerprint}+{b.fingerprint}@{frac}".encode()).hexdigest()[:16]
+
+    def order(self, seed, epoch):
+        reps = -(-self.n_b // self.b.num_rows)
+        ob = np.concatenate([self.b.order(seed, epoch * reps + r) for r in range(reps)])[:self.n_b]
+        at = np.sort(np.random.default_rng([seed, epoch, 7]).integers(0, self.a.num_rows + 1, self.n_b))
+        return np.insert(self.a.order(seed, epoch), at, ob + self.a.total_rows)
+
+    def load(self, row, res):
+        return self.a.load(row, res) if row < self.a.total_rows else self.b.load(row - self.a.total_rows, res)
+
+
+MIXES = {"sft-mix": ("mj-llava", "alchemist", 0.05)}  # stage 4: 5 % curated pairs (a guess, not tuned)
+
+
 # ============================================================ Loader: deterministic, sharded, resumable
 def pick_caption(long, short, use_short):
     """The asked-for caption, or the other one when it is empty or missing; "" (the null condition) if both are."""
@@ -533,9 +557,12 @@ class Loader:
 
 def make_loader(source, res, batch_size, rank, world, seed, caption_policy=("long", 0.0), num_workers=0,
                 cache_dir=None):
-    """source: SceneDataset | ParquetSource | a SOURCES name (prepared under DATA_ROOT) | "scenes"."""
-    if isinstance(source, str):
-        source = SceneDataset(seed) if source == "scenes" else ParquetSource.from_name(source)
+    """source: SceneDataset | ParquetSource | MixSource | a SOURCES or MIXES name (under DATA_ROOT) | "scenes"."""
+    if isinstance(source, str) and source in MIXES:
+        a, b, frac = MIXES[source]
+        source = MixSource(ParquetSource.from_name(a, DATA_ROOT), ParquetSource.from_name(b, DATA_ROOT), frac)
+    elif isinstance(source, str):
+        source = SceneDataset(seed) if source == "scenes" else ParquetSource.from_name(source, DATA_ROOT)
     if cache_dir is not None and source.num_rows is None:
         raise ValueError("the caption cache needs a finite ParquetSource (scenes are encoded live)")
     return Loader(source, res, batch_size, rank, world, seed, caption_policy, num_workers, cache_dir)

@@ -100,7 +100,7 @@ RECORD = Track(
         Stage("burn-in", 512, 25_000, 1024, 64, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), MJ),
         Stage("main", 512, 75_000, 1024, 64, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), MJ),
         Stage("high-res", 1024, 40_000, 512, 32, ("long", 0.0), 0.0, 0.75, 0.1, (1.0, 1.0), MJ),
-        Stage("sft", 1024, 10_000, 512, 16, ("mixed", 0.5), 0.0, 0.0, 0.1, (1.0, 0.0), MJ),  # + alchemist (data.py)
+        Stage("sft", 1024, 10_000, 512, 16, ("mixed", 0.5), 0.0, 0.0, 0.1, (1.0, 0.0), "sft-mix"),  # + alchemist
     ))
 # The same four stages in miniature: tiny model (8 px patches), procedural scenes, 64 then 128 px, <= 10 min on 2 cores.
 # 64 px is this track's base resolution (8x8 tokens); eval.py's CPU protocol samples 128 px at shift 2.
@@ -565,7 +565,8 @@ def git(*args):
 def data_manifest_hash(tr: Track) -> str:
     """Prepared data: data.py's manifest hash; procedural scenes: a hash of the generator's parameters."""
     out = []
-    for src in sorted({st.source for st in tr.stages}):
+    for src in sorted({s for st in tr.stages for s in (data.MIXES[st.source][:2] if st.source in data.MIXES
+                                                       else (st.source,))}):
         if src == "scenes":
             params = (data.COLOURS, data.BACKGROUNDS, data.SHAPES, data.SIZES, data.CELLS, sorted(data.HELDOUT_PAIRS))
             out.append(f"scenes:{hashlib.sha256(repr(params).encode()).hexdigest()[:16]}")

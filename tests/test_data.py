@@ -297,3 +297,23 @@ def test_heldout_combos_never_in_training_stream():
     held = data.heldout_scenes(9)
     assert all((s.objects[0][0], s.objects[0][1]) in data.HELDOUT_PAIRS for s in held)
     assert {(s.objects[0][0], s.objects[0][1]) for s in held} == data.HELDOUT_PAIRS
+
+
+def test_sft_mixture_fraction_rows_and_resume(tmp_path):
+    rng = np.random.default_rng(1)
+    a_ids, b_ids = _ids(40, heldout=0), [f"alc-{k}" for k in range(6) if not data.is_heldout(f"alc-{k}")]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    _shard(tmp_path / "a" / "a.parquet", a_ids, rng)
+    _shard(tmp_path / "b" / "b.parquet", b_ids, rng, llava=[f"curated {i}" for i in b_ids])
+    mix = data.MixSource(data.ParquetSource(tmp_path / "a"), data.ParquetSource(tmp_path / "b"), 0.2)
+    assert mix.num_rows == 40 + 10  # 10 curated rows = 20 % of the stream
+    order = mix.order(0, 0)
+    assert sorted(order[order < 40].tolist()) == list(range(40))  # every row of a once per epoch
+    assert (order >= 40).sum() == 10 and set((order[order >= 40] - 40).tolist()) == set(range(len(b_ids)))
+    assert np.array_equal(order, mix.order(0, 0)) and not np.array_equal(order, mix.order(0, 1))
+    loader = data.make_loader(mix, 32, 5, 0, 1, seed=0)
+    caps = [c for b in _take(loader, 10) for c in b["caption"]]
+    assert sum(c.startswith("curated") for c in caps) == 10 and len(caps) == 50
+    loader2 = data.make_loader(mix, 32, 5, 0, 1, seed=0)
+    loader2.load_state_dict({"position": 25, "seed": 0, "skipped": 0, "bad_files": 0})
+    assert [c for b in _take(loader2, 5) for c in b["caption"]] == caps[25:]
