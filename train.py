@@ -605,8 +605,10 @@ def step_line(run, m, dt):
     mem = (torch.cuda.max_memory_allocated() if run.device.type == "cuda" else
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
     repa = f" repa:{m['repa']:.4f}" if m["repa"] is not None else ""
+    seen = sum(s.batch * min(s.steps, max(0, run.step - sum(p.steps for p in run.tr.stages[:i])))
+               for i, s in enumerate(run.tr.stages))  # images trained on so far
     return (f"step:{run.step}/{total} stage:{run.k + 1} loss:{m['loss']:.4f}{repa} lr:{m['lr']:.1e} "
-            f"gnorm:{m['gnorm']:.2f} ms:{dt * 1e3:.0f} img/s:{G / dt:.1f} mfu:{mfu:.3f} mem_gb:{mem:.1f}")
+            f"gnorm:{m['gnorm']:.2f} ms:{dt * 1e3:.0f} img/s:{G / dt:.1f} mfu:{mfu:.3f} mem_gb:{mem:.1f} seen:{seen}")
 
 
 def sample_grid(run):
