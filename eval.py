@@ -507,14 +507,16 @@ def leaderboard_tables(root="records", prefix="") -> str:
     for p in sorted(Path(root).glob("*/*/metrics.json")):
         m = json.loads(p.read_text())
         rows.setdefault(m.get("track", p.parent.parent.name), []).append((m, p.parent))
-    head = "| # | FID | CMMD | DINO-MMD | N | wall clock | hardware | date | description | folder |"
+    head = "| # | FID | CMMD | DINO-MMD | adherence | N | wall clock | hardware | date | description | folder |"
     for track in sorted(rows, key=lambda t: (t != "record", t)):
-        out += [f"### {track} track", "", head, "|---" * 10 + "|"]
+        out += [f"### {track} track", "", head, "|---" * 11 + "|"]
         for k, (m, d) in enumerate(sorted(rows[track], key=lambda r: (r[0].get("date", ""), r[1].name)), 1):
             folder = d.relative_to(Path(root)).as_posix()
+            adh = (m.get("adherence") or {}).get("all")  # CPU track: all attributes right, held-out scenes
             out.append(f"| {k} | {fmt(m.get('fid'), 2)} | {fmt(m.get('cmmd'), 3)} | {fmt(m.get('dino_mmd'), 3)} | "
-                       f"{m.get('n', '-')} | {fmt_time(m.get('wall_clock_s'))} | {m.get('hardware', '-')} | "
-                       f"{m.get('date', '-')} | {m.get('description', '')} | [{folder}]({prefix}{folder}) |")
+                       f"{'-' if adh is None else f'{100 * adh:.1f} %'} | {m.get('n', '-')} | "
+                       f"{fmt_time(m.get('wall_clock_s'))} | {m.get('hardware', '-')} | {m.get('date', '-')} | "
+                       f"{m.get('description', '')} | [{folder}]({prefix}{folder}) |")
         out.append("")
     return "\n".join(out).strip() or "(no records yet)"
 

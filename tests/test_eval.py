@@ -226,7 +226,7 @@ def write_metrics(root, track, folder, **kw):
 
 def test_leaderboard_regeneration(tmp_path):
     root = tmp_path / "records"
-    write_metrics(root, "cpu", "2025-01-02_b", fid=12.3456, n=1000, wall_clock_s=1800, hardware="CPU x2",
+    write_metrics(root, "cpu", "2025-01-02_b", fid=12.3456, adherence={"all": 0.25, "colour": 0.5}, n=1000, wall_clock_s=1800, hardware="CPU x2",
                   date="2025-01-02", description="second")
     write_metrics(root, "cpu", "2025-01-01_a", fid=20.0, cmmd=None, n=1000, wall_clock_s=7200.0, hardware="CPU x2",
                   date="2025-01-01", description="first")
@@ -234,11 +234,11 @@ def test_leaderboard_regeneration(tmp_path):
         p.write_text("# T\n\n<!-- records:start -->\nold\n<!-- records:end -->\n\nafter\n")
     assert len(ev.write_leaderboard(root, (tmp_path / "README.md", root / "README.md"))) == 2
     expected = ("### cpu track\n\n"
-                "| # | FID | CMMD | DINO-MMD | N | wall clock | hardware | date | description | folder |\n"
-                "|---|---|---|---|---|---|---|---|---|---|\n"
-                "| 1 | 20.00 | - | - | 1000 | 2.00 h | CPU x2 | 2025-01-01 | first | "
+                "| # | FID | CMMD | DINO-MMD | adherence | N | wall clock | hardware | date | description | folder |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|\n"
+                "| 1 | 20.00 | - | - | - | 1000 | 2.00 h | CPU x2 | 2025-01-01 | first | "
                 "[cpu/2025-01-01_a](cpu/2025-01-01_a) |\n"
-                "| 2 | 12.35 | - | - | 1000 | 30.0 min | CPU x2 | 2025-01-02 | second | "
+                "| 2 | 12.35 | - | - | 25.0 % | 1000 | 30.0 min | CPU x2 | 2025-01-02 | second | "
                 "[cpu/2025-01-02_b](cpu/2025-01-02_b) |")
     assert (root / "README.md").read_text() == (f"# T\n\n<!-- records:start -->\n{expected}\n<!-- records:end -->"
                                                 "\n\nafter\n")
