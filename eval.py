@@ -363,7 +363,9 @@ def load_checkpoint(ckpt, device="cpu"):
     m = model_lib.PRX(model_lib.PRXConfig(**conf["model"]))
     m.load_state_dict(load_file(str(Path(ckpt) / "ema.safetensors")))
     name = conf.get("text_encoder", "cpu_track")
-    enc = data.TextEncoder.cpu_track(str(device)) if name == "cpu_track" else data.TextEncoder(name, device=str(device))
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # as train.py encodes on the GPU
+    enc = data.TextEncoder.cpu_track(str(device)) if name == "cpu_track" else \
+        data.TextEncoder(name, device=str(device), dtype=dtype)
     return m.to(device).eval(), enc
 
 

@@ -88,6 +88,7 @@ class Track:
     peak_flops: float = 989e12  # per-device dense bf16 peak for MFU (H100 SXM); nan = not stated (CPU)
     workers: int = 8
     sample_steps: int = 50  # sampler steps of the stage-end grids
+    text_len: int = 256  # text padded to this many tokens (one compiled shape); 0 = pad to the longest in the batch
 
 
 MJ = "mj-llava"  # brivangl/midjourney-v6-llava: llava long captions + the original short prompts
@@ -107,7 +108,7 @@ RECORD = Track(
 CPU = Track(
     name="cpu", preset="tiny", text_encoder="cpu_track", teacher="standin", shift_base=64,
     lr=2e-3, warmup=50, clip=1.0, ema=0.98, ema_every=1, projector=256, ckpt_every=100, time_cap_s=600.0,
-    peak_flops=float("nan"), workers=0, sample_steps=20, ns_dtype="float32",
+    peak_flops=float("nan"), workers=0, sample_steps=20, ns_dtype="float32", text_len=0,
     stages=(  # name      res steps batch micro captions         repa  drop  pdrop lr        source
         Stage("burn-in", 64, 300, 16, 16, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
         Stage("main", 64, 400, 16, 16, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), "scenes"),
@@ -196,7 +197,7 @@ class Muon(torch.optim.Optimizer):
                         updates.append(p.grad.lerp(buf, mom) if group["nesterov"] else buf)
                     if self.rank < len(chunk):
                         mine = zeropower_via_newtonschulz5(updates[self.rank], group["ns_steps"], group["eps"],
-                                                           self.ns_dtype)
+                                                           self.ns_dtype).contiguous()  # NCCL gathers contiguous
                     else:  # this rank has no matrix in the last chunk: it sends zeros
                         mine = ps[0].new_zeros(shape, dtype=self.ns_dtype)
                     if self.world == 1:
@@ -333,7 +334,10 @@ def setup(env=os.environ, track=None):
     run.model = PRX(run.cfg).to(run.device)
     run.ema = PRX(run.cfg).to(run.device).eval().requires_grad_(False)  # EMA of the weights, FP32
     run.ema.load_state_dict(run.model.state_dict())
-    run.fwd = torch.compile(run.model) if cuda else run.model
+    run.fwd = run.model
+    if cuda:  # regional compilation: the 16 blocks share one compiled code object, compiled once per stage shape
+        for blk in run.model.blocks:
+            blk.compile()
     tr = run.tr
     run.adamw = torch.optim.AdamW([{"params": run.model.adamw_params(), "name": "model"}], lr=tr.lr, betas=tr.betas,
                                   eps=tr.adam_eps, weight_decay=tr.weight_decay, fused=cuda or None)
@@ -349,8 +353,12 @@ def enter_stage(run, k, loader_state=None):
     if st.repa and run.teacher is None:  # REPA burn-in: frozen teacher + trainable projector (AdamW)
         from transformers import AutoModel
         path = tr.teacher
-        if path == "standin":
-            path = standin_teacher(run.out / "cache")
+        if path == "standin":  # rank 0 writes it, the others wait: no rank reads a half-written folder
+            path = standin_teacher(run.out / "cache") if run.rank == 0 else None
+            if run.world > 1:
+                box = [path]
+                dist.broadcast_object_list(box, src=0)
+                path = box[0]
         run.teacher = AutoModel.from_pretrained(path).to(run.device).eval().requires_grad_(False)
         run.projector = make_projector(run.cfg.hidden, tr.projector, run.teacher.config.hidden_size, tr.seed + 1)
         run.projector.to(run.device)
@@ -391,21 +399,27 @@ def enter_stage(run, k, loader_state=None):
 # The training step
 
 
+def pad_text(txt, mask, L):
+    return F.pad(txt, (0, 0, 0, L - txt.shape[1])), F.pad(mask, (0, L - mask.shape[1]))
+
+
 def text_condition(run, batch, drop):
-    """Caption dropout 10 %: dropped captions become "", whose encoding is the null condition of CFG."""
+    """Caption dropout 10 %: dropped captions become "", whose encoding is the null condition of CFG. With
+    tr.text_len the text is padded to that many tokens (padding keys are masked): one shape for the compiler."""
     if "txt" in batch:  # cached embeddings: put the "" embedding in the dropped rows
         txt, mask = batch["txt"].to(run.device).float(), batch["txt_mask"].to(run.device).bool()
         if any(drop):
             n, nm = (v.to(run.device) for v in run.enc.null())
             L = max(txt.shape[1], n.shape[1])
-            txt, mask, n, nm = F.pad(txt, (0, 0, 0, L - txt.shape[1])), F.pad(mask, (0, L - mask.shape[1])), \
-                F.pad(n.float(), (0, 0, 0, L - n.shape[1])), F.pad(nm.bool(), (0, L - nm.shape[1]))
+            (txt, mask), (n, nm) = pad_text(txt, mask, L), pad_text(n.float(), nm.bool(), L)
             d = torch.tensor(drop, device=run.device)
             txt, mask = torch.where(d[:, None, None], n, txt), torch.where(d[:, None], nm, mask)
-        return txt, mask
-    with torch.no_grad():
-        txt, mask = run.enc.encode(["" if d else c for c, d in zip(batch["caption"], drop)])
-    return txt.to(run.device).float(), mask.to(run.device).bool()
+    else:
+        with torch.no_grad():
+            txt, mask = run.enc.encode(["" if d else c for c, d in zip(batch["caption"], drop)])
+        txt, mask = txt.to(run.device).float(), mask.to(run.device).bool()
+    L = run.tr.text_len
+    return pad_text(txt, mask, L) if L and txt.shape[1] < L else (txt, mask)
 
 
 def next_batch(run):
@@ -520,6 +534,14 @@ def save_checkpoint(run, why):
         dist.barrier()
 
 
+def matching_groups(sd, names):
+    """An optimizer state without the param groups that are not alive now (the REPA projector's, when the checkpoint
+    was written at the end of the burn-in, before the next stage dropped it)."""
+    groups = [g for g in sd["param_groups"] if g.get("name") in names]
+    keep = {i for g in groups for i in g["params"]}
+    return {"state": {i: v for i, v in sd["state"].items() if i in keep}, "param_groups": groups}
+
+
 def load_checkpoint(run, path: Path):
     """Weights, EMA, optimizer states, REPA projector, data position, step and clock: the exact next sample and step."""
     run.model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(run.device)))
@@ -532,7 +554,7 @@ def load_checkpoint(run, path: Path):
         enter_stage(run, k, s["loader"] if k == s["stage"] else None)
     if s["projector"] is not None and run.projector is not None:
         run.projector.load_state_dict(s["projector"])
-    run.adamw.load_state_dict(s["adamw"])
+    run.adamw.load_state_dict(matching_groups(s["adamw"], {g.get("name") for g in run.adamw.param_groups}))
     run.muon.load_state_dict(s["muon"])
     log(run, f"resumed from {path} at step:{run.step} elapsed_s:{run.elapsed0:.1f}", console=True)
 

@@ -2,6 +2,7 @@
 GPU readiness check: does the record track run, fit and reach its speed on one GPU?
 
     python tests/gpu_check.py            # on a CUDA GPU: the 1.2B preset at the record track's micro-batches
+                                         # (no pip install there: the device image's torch 2.11 + transformers do)
     python tests/gpu_check.py --cpu      # anywhere: the tiny preset at the CPU track's sizes, in seconds
 
 For each stage of train.RECORD (512 px + REPA teacher, 512 px, 1024 px SPRINT, 1024 px dense fine-tune) it runs a
@@ -202,7 +203,10 @@ def main(argv=None):
         for p in net.parameters():
             if p.ndim >= 1 and p.abs().sum() == 0:
                 p.normal_(0, 0.02)
-    fwd = net if cpu else torch.compile(net)
+    fwd = net  # regional compilation as in train.py: one compiled block serves all 16
+    if not cpu:
+        for blk in net.blocks:
+            blk.compile()
     teacher = build_teacher(device, cpu)
     projector = train.make_projector(cfg.hidden, track.projector, teacher.config.hidden_size, 0).to(device)
     adamw = torch.optim.AdamW(net.adamw_params() + list(projector.parameters()), lr=track.lr, betas=track.betas,
@@ -213,20 +217,21 @@ def main(argv=None):
     for st in track.stages:
         micro = st.micro if not cpu else 2
         while True:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             try:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
                 rows.append(bench_stage(net, fwd, cfg, st, micro, opts, teacher, projector, enc, device, not cpu,
                                         args.reps))
                 break
             except torch.OutOfMemoryError:
-                for o in opts:
-                    o.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                print(f"  {st.name}: out of memory at micro-batch {micro}, halving")
-                micro //= 2
-                if micro == 0:
-                    raise
+                pass  # cleaned up below, outside the handler, where the failed attempt's tensors are released
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            print(f"  {st.name}: out of memory at micro-batch {micro}, halving")
+            micro //= 2
+            if micro == 0:
+                raise RuntimeError(f"{st.name}: out of memory even at micro-batch 1")
         for o in opts:
             o.zero_grad(set_to_none=True)
         r = rows[-1]
@@ -236,12 +241,13 @@ def main(argv=None):
     res = 1024 if not cpu else 64
     enc_txt, enc_mask = torch.randn(1, 64, cfg.text_dim, device=device), torch.ones(1, 64, dtype=torch.bool,
                                                                                       device=device)
+    null_txt, null_mask = torch.zeros_like(enc_txt), torch.arange(64, device=device)[None] < 1  # "" : 1 token
     noise = torch.randn(1, 3, res, res, device=device)
     net.eval()
 
     def sample():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not cpu):
-            evaluation.sample(fwd, enc_txt, enc_mask, enc_txt[:, :1], enc_mask[:, :1], noise, steps=50,
+            evaluation.sample(fwd, enc_txt, enc_mask, null_txt, null_mask, noise, steps=50,
                               cfg_scale=3.5, shift=res / train.RECORD.shift_base)
 
     t_sample = timed(sample, device, 1)

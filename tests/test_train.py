@@ -7,11 +7,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import eval as evaluation
 import train
 
@@ -258,13 +260,18 @@ def test_cpu_track_end_to_end(reference):
 
 
 def test_kill_and_resume_match_uninterrupted(reference):
-    """SIGTERM (saves, exits 0), resume, SIGKILL between checkpoints, resume: the same final weights and EMA as the
+    """SIGTERM (saves, exits 0), resume, SIGKILL right after the burn-in's last checkpoint, resume, SIGKILL between
+    checkpoints, resume: the same final weights and EMA as the
     uninterrupted run, bit for bit (exact data position, per-sample noise, optimizer state)."""
     out, env = reference, {"SPEEDRUN_STEPS_SCALE": SCALE, "SPEEDRUN_CKPT_EVERY": "5"}
     r = run_train(out, SPEEDRUN_RUN_ID="kill", SPEEDRUN_KILL_AT="7:TERM", **env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert train.latest_checkpoint(out / "checkpoints" / "kill").name == "step-00000008"
-    r = run_train(out, SPEEDRUN_RESUME="kill", SPEEDRUN_KILL_AT="22:KILL", **env)
+    burn_in = round(train.CPU.stages[0].steps * float(SCALE))  # 12: the checkpoint at the end of the REPA burn-in
+    r = run_train(out, SPEEDRUN_RESUME="kill", SPEEDRUN_KILL_AT=f"{burn_in + 1}:KILL", **env)
+    assert r.returncode == -signal.SIGKILL
+    assert train.latest_checkpoint(out / "checkpoints" / "kill").name == f"step-{burn_in:08d}"
+    r = run_train(out, SPEEDRUN_RESUME="kill", SPEEDRUN_KILL_AT="22:KILL", **env)  # resumes without the REPA group
     assert r.returncode == -signal.SIGKILL
     assert train.latest_checkpoint(out / "checkpoints" / "kill").name == "step-00000020"
     r = run_train(out, SPEEDRUN_RESUME="kill", **env)
@@ -275,3 +282,15 @@ def test_kill_and_resume_match_uninterrupted(reference):
     ckpt, w, e = final_weights(out, "kill")
     assert ckpt.name == train.latest_checkpoint(out / "checkpoints" / "ref").name
     assert all(torch.equal(w[k], w_ref[k]) for k in w_ref) and all(torch.equal(e[k], e_ref[k]) for k in e_ref)
+
+
+def test_text_padded_to_the_tracks_fixed_length_with_caption_dropout():
+    enc = data.TextEncoder.cpu_track()
+    run = SimpleNamespace(device=torch.device("cpu"), enc=enc, tr=dataclasses.replace(train.CPU, text_len=32))
+    caps = ["a red circle", "two blue squares on the left"]
+    txt, mask = train.text_condition(run, {"caption": caps}, [False, True])  # the second caption is dropped
+    ref, ref_mask = enc.encode([caps[0], ""])
+    n = ref.shape[1]
+    assert txt.shape[:2] == mask.shape == (2, 32)
+    assert torch.equal(txt[:, :n], ref) and torch.equal(mask[:, :n], ref_mask) and not mask[:, n:].any()
+    assert not txt[:, n:].any()
