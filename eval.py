@@ -430,7 +430,9 @@ def verify(record_dir, ckpt=None, rtol=0.02) -> list[str]:
     for name, h in meta.get("code_hashes", {}).items():
         if not (d / name).exists() or sha256(d / name) != h:
             problems.append(f"{name}: hash differs from metrics.json")
-    if ckpt:
+    if ckpt and meta.get("protocol_hash") != protocol_hash(PROTOCOLS[meta["track"]]):
+        problems.append(f"protocol {meta.get('protocol_hash')} is not this eval.py's: re-evaluation would not compare")
+    elif ckpt:
         sys.path.insert(0, str(d.resolve()))  # the code as run
         model, enc = load_checkpoint(ckpt, "cuda" if torch.cuda.is_available() else "cpu")
         new = evaluate(model, enc, meta["track"], meta["n"])
@@ -565,7 +567,7 @@ def main(argv=None):
     for q in (e, r):
         q.add_argument("--ckpt", required=True)
         q.add_argument("--track", default="cpu", choices=PROTOCOLS)
-        q.add_argument("--n", type=int, help="smaller N for quick checks (always printed with the numbers)")
+        q.add_argument("--num-samples", dest="n", type=int, help="smaller N for quick checks (printed with the numbers)")
     e.add_argument("--clip", help="local CLIP dir (CMMD)")
     e.add_argument("--dino", help="local DINOv2-reg dir (DINO-MMD)")
     r.add_argument("--log", action="append", required=True)

@@ -145,7 +145,7 @@ def lr_at(tr: Track, step: int) -> float:
     k = min(stage_at(tr, step), len(tr.stages) - 1)
     s0 = sum(s.steps for s in tr.stages[:k])
     a, b = tr.stages[k].lr
-    frac = min(1.0, (step - s0) / tr.stages[k].steps)
+    frac = min(1.0, (step - s0) / max(1, tr.stages[k].steps - 1))  # the stage's last step runs at its end value
     return tr.lr * min(1.0, (step + 1) / tr.warmup) * (a + (b - a) * frac)
 
 
@@ -452,9 +452,12 @@ def train_step(run):
     """One optimizer step over the global batch: accumulate, all-reduce, clip, AdamW + Muon, EMA."""
     st, step, G = run.stage, run.step, run.stage.batch
     params = list(run.model.parameters()) + (list(run.projector.parameters()) if run.projector else [])
-    fm_sum = repa_sum = torch.zeros((), device=run.device)
+    fm_sum = repa_sum = served = torch.zeros((), device=run.device)
+    txt_len = 0
     for _ in range(run.accum):
         batch = next_batch(run)
+        if len(batch["index"]) == 0:  # every row of this micro-batch was bad (skipped and counted by data.py)
+            continue
         x0 = batch["image"].to(run.device, non_blocking=True).float().div(127.5).sub(1)
         t, eps, drop, path_drop, keep = draw_samples(run, batch["index"], step)
         txt, mask = text_condition(run, batch, drop)
@@ -465,15 +468,19 @@ def train_step(run):
                 rl = repa_loss(run.projector, h, teacher_tokens(run.teacher, x0, st.res // run.cfg.patch), kept)
                 loss, repa_sum = loss + st.repa * rl.sum(), repa_sum + rl.detach().sum()
         (loss / G).backward()  # sum over the global batch / G = the global mean, whatever the split
-        fm_sum = fm_sum + fm.detach().sum()
+        fm_sum, served, txt_len = fm_sum + fm.detach().sum(), served + len(fm), txt.shape[1]
     stop = float(bool(run.flags) or time.time() - run.t0 + run.elapsed0 >= run.tr.time_cap_s)
-    stats = torch.stack([fm_sum, repa_sum, torch.tensor(stop, device=run.device)])
+    stats = torch.stack([fm_sum, repa_sum, served, torch.tensor(stop, device=run.device)])
     if run.world > 1:
         dist.all_reduce(stats)
-    loss, repa, stop = (stats / torch.tensor([G, G, 1.0], device=run.device)).tolist()
+    fm_sum, repa_sum, n, stop = stats.tolist()
+    n = max(n, 1.0)
+    loss, repa = fm_sum / n, repa_sum / n
     if not (math.isfinite(loss) and math.isfinite(repa)):
         raise FloatingPointError(f"non-finite loss at step {step + 1} (loss {loss}, repa {repa})")
     live = sync_grads(run, params)
+    if n != G:  # skipped bad rows: the mean over the samples actually served
+        torch._foreach_mul_([p.grad for p in live], G / n)
     gnorm = torch.nn.utils.clip_grad_norm_(live, run.tr.clip).item()
     lr = lr_at(run.tr, step)
     for opt in (run.adamw, run.muon):
@@ -482,10 +489,10 @@ def train_step(run):
         opt.step()
         opt.zero_grad(set_to_none=True)
     run.step += 1
-    if run.step % run.tr.ema_every == 0:  # EMA of the FP32 weights (buffers copied)
+    if run.step % run.tr.ema_every == 0:  # EMA of the FP32 weights (the only buffer, the SPRINT mask token, is fixed)
         torch._foreach_lerp_(list(run.ema.parameters()), list(run.model.parameters()), 1 - run.tr.ema)
     return {"loss": loss, "repa": repa if st.repa else None, "lr": lr, "gnorm": gnorm, "stop": stop > 0,
-            "txt_len": txt.shape[1]}
+            "txt_len": txt_len}
 
 
 # ======================================================================================================================

@@ -286,3 +286,9 @@ def test_record_eval_set_is_the_heldout_split(tmp_path, monkeypatch):
     assert image(2).shape == (3, 32, 32) and image(2).dtype == torch.uint8 and check is None
     with pytest.raises(ValueError, match="fewer than N=4"):
         ev.eval_set("record", 4, 32)
+
+
+def test_verify_refuses_to_reevaluate_under_another_protocol(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"track": "cpu", "protocol_hash": "0123456789abcdef", "n": 4}))
+    problems = ev.verify(tmp_path, ckpt=tmp_path / "no-such-checkpoint")  # refused before any checkpoint is read
+    assert any("is not this eval.py's" in p for p in problems)
