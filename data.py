@@ -71,6 +71,16 @@ def manifest_hash(path) -> str:
     return hashlib.sha256(json.dumps(json.loads(Path(path).read_text()), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def source_hash(name) -> str:
+    """What the training log and the evaluation's cache keys record of a source: its manifest hash, or for the
+    procedural scenes a hash of the generator's parameters."""
+    if name == "scenes":
+        params = (COLOURS, BACKGROUNDS, SHAPES, SIZES, CELLS, sorted(HELDOUT_PAIRS))
+        return hashlib.sha256(repr(params).encode()).hexdigest()[:16]
+    man = DATA_ROOT / name / "manifest.json"
+    return manifest_hash(man) if man.exists() else "not-prepared"
+
+
 def write_manifest(name, folder):
     """files, sizes, sha256 and row counts of a prepared source; unchanged files keep their old sha256."""
     man_path = (folder := Path(folder)) / "manifest.json"

@@ -299,9 +299,11 @@ def eval_set(track, n, res):
 
 
 def reference_features(track, proto, n, extractors, real_image, batch_size=32, progress=True):
-    """Real-set features, computed once and cached by (track, protocol version, extractor, res, N)."""
+    """Real-set features, computed once and cached by (track, protocol version, data, extractor, res, N)."""
+    import data
     tag = {m: re.sub(r"[^\w.-]+", "_", ex.name) for m, ex in extractors.items()}
-    path = {m: CACHE_DIR / f"{track}_v{proto['version']}_{tag[m]}_{proto['res']}px_n{n}.npz" for m in extractors}
+    src = data.source_hash("scenes" if track == "cpu" else "mj-llava")  # other data -> other real features
+    path = {m: CACHE_DIR / f"{track}_v{proto['version']}_{src}_{tag[m]}_{proto['res']}px_n{n}.npz" for m in extractors}
     out = {m: np.load(p)["feats"] for m, p in path.items() if p.exists()}
     todo = [m for m in extractors if m not in out]
     if todo:
