@@ -184,12 +184,17 @@ def cpu_env(out, **kw):
     return env
 
 
-def test_time_cap_saves_and_stops(tmp_path):
+def main_in_process(env):
+    """train.main in this process, restoring the SIGTERM handler it installs."""
     handler = signal.getsignal(signal.SIGTERM)
     try:
-        code = train.main(cpu_env(tmp_path, SPEEDRUN_RUN_ID="cap", SPEEDRUN_TIME_CAP_S="0"))
+        return train.main(env)
     finally:
         signal.signal(signal.SIGTERM, handler)
+
+
+def test_time_cap_saves_and_stops(tmp_path):
+    code = main_in_process(cpu_env(tmp_path, SPEEDRUN_RUN_ID="cap", SPEEDRUN_TIME_CAP_S="0"))
     log = (tmp_path / "logs" / "cap.txt").read_text()
     assert code == 0 and "track:cpu" in log and "STOP: wall-clock cap 0 s reached; saved at step 1" in log
     assert train.latest_checkpoint(tmp_path / "checkpoints" / "cap").name == "step-00000001"
@@ -206,11 +211,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     step = train.train_step
     monkeypatch.setattr(train, "flow_matching_loss", poisoned)
     monkeypatch.setattr(train, "train_step", lambda r: (step(r), train_step_count.__setitem__(0, r.step))[0])
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        code = train.main(cpu_env(tmp_path, SPEEDRUN_RUN_ID="nan", SPEEDRUN_CKPT_EVERY="2"))
-    finally:
-        signal.signal(signal.SIGTERM, handler)
+    code = main_in_process(cpu_env(tmp_path, SPEEDRUN_RUN_ID="nan", SPEEDRUN_CKPT_EVERY="2"))
     log = (tmp_path / "logs" / "nan.txt").read_text()
     assert code == 1 and "STOP: non-finite loss at step 3" in log
     ckpt = train.latest_checkpoint(tmp_path / "checkpoints" / "nan")
