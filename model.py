@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # -----------------------------------------------------------------------------
 # Config
@@ -168,6 +169,13 @@ class Block(nn.Module):
 # The denoiser
 
 
+# The text padding mask keeps SDPA off flash attention. On an H100 (torch 2.11) cuDNN's kernel ran the masked
+# attention of a 512 px block in 1.62 ms vs 2.14 ms for the default choice (fwd+bwd, batch 64; README Performance).
+# The first backend that accepts the inputs runs; all are exact. CPUs have neither cuDNN nor this choice: unchanged.
+MASKED_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.MATH]
+
+
 class PRX(nn.Module):
     def __init__(self, cfg: PRXConfig):
         super().__init__()
@@ -180,7 +188,9 @@ class PRX(nn.Module):
         self.txt_in = nn.Linear(cfg.text_dim, H)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         # SPRINT: mask token for dropped positions (frozen, as in the official code) and the sparse-dense fusion.
-        self.register_buffer("mask_token", torch.randn(H, generator=torch.Generator().manual_seed(0)) * 0.02)
+        # drawn on the CPU whatever the device context (cuda, meta), then placed where the context builds the model
+        token = torch.randn(H, generator=torch.Generator().manual_seed(0), device="cpu") * 0.02
+        self.register_buffer("mask_token", torch.empty(H).copy_(token))
         self.fuse = nn.Linear(2 * H, H)  # Linear(concat[deep, shallow]) -> H
         with torch.no_grad():  # identity on the deep half: without token drop the model is exactly PRX
             self.fuse.weight.zero_()
@@ -220,10 +230,11 @@ class PRX(nn.Module):
         def run(h, lo, hi, cos, sin):
             nonlocal repa
             key_mask = torch.cat([txt_mask, txt_mask.new_ones(B, h.shape[1])], dim=1)[:, None, None, :]
-            for i in range(lo, hi):
-                h = self.blocks[i](h, txt, vec, cos, sin, key_mask)
-                if i + 1 == cfg.repa_block:
-                    repa = h
+            with sdpa_kernel(MASKED_SDPA_ORDER, set_priority=True):  # outside the compiled blocks: baked in
+                for i in range(lo, hi):
+                    h = self.blocks[i](h, txt, vec, cos, sin, key_mask)
+                    if i + 1 == cfg.repa_block:
+                        repa = h
             return h
 
         s, e = cfg.sparse_start, cfg.sparse_end

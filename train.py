@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ class Track:
     seed: int = 0
     ckpt_every: int = 2000  # steps between checkpoints (plus every stage end, SIGTERM and the time cap)
     time_cap_s: float = 24 * 3600.0
-    peak_flops: float = 989e12  # per-device dense bf16 peak for MFU (H100 SXM); nan = not stated (CPU)
+    peak_flops: float = 989e12  # the step line's mfu: NVIDIA's dense bf16 spec of an H100 SXM; nan = none (CPU)
     workers: int = 8
     sample_steps: int = 50  # sampler steps of the stage-end grids
     text_len: int = 256  # text padded to this many tokens (one compiled shape); 0 = pad to the longest in the batch
@@ -312,9 +313,25 @@ def standin_teacher(cache: Path) -> str:
 # Setup: processes, model, optimizers, EMA, stages
 
 
+def peak_matmul_flops(device, dtype=torch.bfloat16, n=8192, reps=20):
+    """This device's dense matmul rate in FLOP/s (n^3 products after 3 warm-ups): the denominator of mfu_measured,
+    shared with tests/gpu_check.py so that the log and the check agree. About 1 s on an H100."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
 def setup(env=os.environ, track=None):
     run = SimpleNamespace(tr=track or select_track(env), out=Path(env.get("SPEEDRUN_OUT", ".")).resolve(), step=0,
-                          k=None, teacher=None, projector=None, loader=None, elapsed0=0.0, flags={}, t0=time.time())
+                          k=None, teacher=None, projector=None, loader=None, elapsed0=0.0, flags={}, t0=time.time(),
+                          writer=None, peak_measured=float("nan"))
     if "RANK" in env:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         run.rank, run.world, local = dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", 0))
@@ -326,6 +343,7 @@ def setup(env=os.environ, track=None):
     if cuda:
         torch.cuda.set_device(run.device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        run.peak_measured = peak_matmul_flops(run.device)  # this card's bf16 matmul peak, beside the spec's
     run.amp = torch.bfloat16 if cuda else None  # FP32 master weights; bf16 only inside autocast
     run.enc = (data.TextEncoder.cpu_track() if run.tr.text_encoder == "cpu_track" else
                data.TextEncoder(run.tr.text_encoder, device=run.device, dtype=run.amp or torch.float32))
@@ -374,6 +392,8 @@ def enter_stage(run, k, loader_state=None):
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
         log(run, "repa: off; teacher freed, projector removed from the optimizer")
+    if run.loader is not None:  # the previous stage's worker processes end here, not at interpreter exit
+        run.loader.close()
     per = st.batch // run.world
     if st.batch % run.world:
         raise ValueError(f"global batch {st.batch} is not divisible by world size {run.world}")
@@ -499,8 +519,20 @@ def train_step(run):
 # Checkpoints: safetensors weights + EMA, torch.save'd state; written to a temp dir, renamed when complete
 
 
+def to_host(obj):
+    """A copy in host memory of every tensor in obj (nested dicts/lists): on a CPU too, so that training may go on
+    while a background thread writes the copy."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True).contiguous()
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
 def tensors(module):
-    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    return to_host(module.state_dict())
 
 
 def checkpoint_dir(out: Path, run_id: str) -> Path:
@@ -512,31 +544,68 @@ def latest_checkpoint(root: Path):
     return done[-1] if done else None
 
 
+def write_checkpoint(root: Path, step: int, snap: dict):
+    """Background thread: write the snapshot to a temp dir, fsync, rename (atomic), then drop the previous one."""
+    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    if final.exists():
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(snap["model"], str(tmp / "model.safetensors"))
+    save_file(snap["ema"], str(tmp / "ema.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(snap["config"]))
+    torch.save(snap["state"], tmp / "state.pt")
+    for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    os.rename(tmp, final)  # atomic: a checkpoint dir named step-* is always complete
+    for old in root.glob("step-*"):  # the previous one goes only once the new one is complete
+        if old != final:
+            shutil.rmtree(old)
+
+
+def wait_for_checkpoint(run):
+    """Join the write in flight, if any; log how long it took; re-raise its error (nothing is lost silently)."""
+    job = run.writer
+    if job is None:
+        return
+    job["thread"].join()
+    run.writer = None
+    if job["error"] is not None:
+        raise RuntimeError(f"writing checkpoint {job['path']} failed") from job["error"]
+    log(run, f"checkpoint_written:{job['path']} write_s:{job['write_s']:.1f}")
+
+
 def save_checkpoint(run, why):
+    """Checkpoints off the critical path: the trainer stalls only to copy the state to host memory; a thread writes
+    it (one write in flight: the next save and the end of the run wait for it). Rank 0 writes; weights are equal
+    on every rank and the optimizer state is replicated (see Muon)."""
+    t = time.perf_counter()
+    wait_for_checkpoint(run)
     if run.rank == 0:
         root = checkpoint_dir(run.out, run.id)
-        final, tmp = root / f"step-{run.step:08d}", root / f".tmp-step-{run.step:08d}"
-        if not final.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(tensors(run.model), str(tmp / "model.safetensors"))
-            save_file(tensors(run.ema), str(tmp / "ema.safetensors"))
-            (tmp / "config.json").write_text(json.dumps({"model": dataclasses.asdict(run.cfg), "track": run.tr.name,
-                                                            "text_encoder": run.tr.text_encoder, "step": run.step}))
-            torch.save({"step": run.step, "stage": run.k, "run_id": run.id, "track": run.tr.name, "world": run.world,
-                            "adamw": run.adamw.state_dict(), "muon": run.muon.state_dict(),
-                            "loader": run.loader.state_dict(),
-                            "projector": run.projector.state_dict() if run.projector else None,
-                            "elapsed": time.time() - run.t0 + run.elapsed0, "rng": torch.get_rng_state()},
-                       tmp / "state.pt")
-            for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            os.rename(tmp, final)  # atomic: a checkpoint dir named step-* is always complete
-            for old in root.glob("step-*"):  # the previous one goes only once the new one is complete
-                if old != final:
-                    shutil.rmtree(old)
-        log(run, f"checkpoint:{final} why:{why}")
+        snap = {"model": tensors(run.model), "ema": tensors(run.ema),
+                "config": {"model": dataclasses.asdict(run.cfg), "track": run.tr.name,
+                           "text_encoder": run.tr.text_encoder, "step": run.step},
+                "state": to_host({"step": run.step, "stage": run.k, "run_id": run.id, "track": run.tr.name,
+                                  "world": run.world, "adamw": run.adamw.state_dict(), "muon": run.muon.state_dict(),
+                                  "loader": run.loader.state_dict(),
+                                  "projector": run.projector.state_dict() if run.projector else None,
+                                  "elapsed": time.time() - run.t0 + run.elapsed0, "rng": torch.get_rng_state()})}
+        job = {"path": root / f"step-{run.step:08d}", "error": None, "write_s": 0.0}
+
+        def write():
+            t0 = time.perf_counter()
+            try:
+                write_checkpoint(root, snap["config"]["step"], snap)
+            except Exception as e:  # noqa: BLE001 (any failure: re-raised by wait_for_checkpoint)
+                job["error"] = e
+            job["write_s"] = time.perf_counter() - t0
+
+        job["thread"] = threading.Thread(target=write, name="checkpoint-writer")
+        job["thread"].start()
+        run.writer = job
+        log(run, f"checkpoint:{job['path']} why:{why} stall_s:{time.perf_counter() - t:.2f} (written in the background)")
     if run.world > 1:
         dist.barrier()
 
@@ -614,6 +683,9 @@ def write_header(run):
     n = sum(p.numel() for p in run.model.parameters())
     log(run, f"track:{run.tr.name} run:{run.id} model:{run.tr.preset} params:{n} text_encoder:{run.tr.text_encoder} "
              f"(dim {run.enc.dim}) teacher:{run.tr.teacher} time_cap_s:{run.tr.time_cap_s:.0f}", console=True)
+    measured = (f"measured {run.peak_measured / 1e12:.0f} TFLOP/s (bf16 8192^3 matmul on this card; mfu_measured)"
+                if math.isfinite(run.peak_measured) else "not measured (no CUDA)")
+    log(run, f"peak: spec {run.tr.peak_flops / 1e12:.0f} TFLOP/s (H100 SXM dense bf16; the step line's mfu), {measured}")
     log(run, f"hyper: {dataclasses.replace(run.tr, stages=())}")
     for k, st in enumerate(run.tr.stages):
         log(run, f"plan: stage {k + 1} {st}")
@@ -622,14 +694,16 @@ def write_header(run):
 def step_line(run, m, dt):
     st, G, total = run.stage, run.stage.batch, sum(s.steps for s in run.tr.stages)
     flops = G * train_flops(run.cfg, st.res, m["txt_len"], st.drop)
-    mfu = flops / (dt * run.world * run.tr.peak_flops)
+    mfu = flops / (dt * run.world * run.tr.peak_flops)  # against the spec's peak (header line "peak:")
+    meas = flops / (dt * run.world * run.peak_measured)  # against this card's measured matmul peak
     mem = (torch.cuda.max_memory_allocated() if run.device.type == "cuda" else
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
     repa = f" repa:{m['repa']:.4f}" if m["repa"] is not None else ""
     seen = sum(s.batch * min(s.steps, max(0, run.step - sum(p.steps for p in run.tr.stages[:i])))
                for i, s in enumerate(run.tr.stages))  # images trained on so far
     return (f"step:{run.step}/{total} stage:{run.k + 1} loss:{m['loss']:.4f}{repa} lr:{m['lr']:.1e} "
-            f"gnorm:{m['gnorm']:.2f} ms:{dt * 1e3:.0f} img/s:{G / dt:.1f} mfu:{mfu:.3f} mem_gb:{mem:.1f} seen:{seen}")
+            f"gnorm:{m['gnorm']:.2f} ms:{dt * 1e3:.0f} img/s:{G / dt:.1f} mfu:{mfu:.3f}"
+            f"{f' mfu_measured:{meas:.3f}' if math.isfinite(meas) else ''} mem_gb:{mem:.1f} seen:{seen}")
 
 
 def sample_grid(run):
@@ -709,8 +783,12 @@ def main(env=os.environ):
             log(run, f"STOP: {why}; saved at step {run.step}; resume with SPEEDRUN_RESUME={run.id}", console=True)
             break
         if kill_at and int(kill_at.split(":")[0]) == run.step:
+            wait_for_checkpoint(run)  # deterministic fault injection: a write in flight lands first
             os.kill(os.getpid(), getattr(signal, "SIG" + kill_at.split(":")[1]))
     bar.close()
+    wait_for_checkpoint(run)  # nothing is lost: the last write lands before the run reports
+    if run.loader is not None:
+        run.loader.close()
     if run.step >= total:
         wall = time.time() - run.t0 + run.elapsed0
         log(run, f"done: track:{run.tr.name} steps:{total} wall_s:{wall:.1f} (the clock covers everything after setup: "

@@ -1,26 +1,36 @@
 """
-GPU readiness check: does the record track run, fit and reach its speed on one GPU?
+GPU readiness check: does the record track run, fit and reach its speed on one GPU? One script, about 8 minutes.
 
-    python tests/gpu_check.py            # on a CUDA GPU: the 1.2B preset at the record track's micro-batches
-                                         # (no pip install there: the device image's torch 2.11 + transformers do)
-    python tests/gpu_check.py --cpu      # anywhere: the tiny preset at the CPU track's sizes, in seconds
+    python tests/gpu_check.py [--out DIR]   # on a CUDA GPU: the 1.2B preset at the record track's micro-batches
+                                            # (no pip install there: the device image's torch 2.11 + transformers do)
+    python tests/gpu_check.py --cpu         # anywhere: the tiny preset at small sizes, in seconds
 
-For each stage of train.RECORD (512 px + REPA teacher, 512 px, 1024 px SPRINT, 1024 px dense fine-tune) it runs a
-few compiled training steps on random inputs at the stage's per-GPU micro-batch, with the real optimizers
-(train.Muon + AdamW), and prints step time, images/s, TFLOP/s and MFU (model.train_flops over the time, against a
-bf16 matmul peak measured on the same card), peak memory, and the share of an 8-GPU optimizer step spent in the
-Muon update, the REPA teacher and the text encoder (live T5Gemma-2B encoder, or reading cached embeddings).
-Then the sampler: one 1024 px image, 50 Euler steps with CFG. Last, a table.
+In order:
+1. Build anywhere: model.PRX(cfg) under torch.device("cuda") and torch.device("meta").
+2. train.py's real loop (train.main in a child process): the record track's four stages at their real global batch
+   and micro-batch, a few steps each, on procedural scenes, with step lines, the stage-end sample grids and the
+   background checkpoints (stall and write times are in the log), then how long the process takes to exit after
+   `done:` and whether any loader worker outlived it. The log's sources are left out; --out keeps the log + grids.
+3. Masked attention: the text padding mask against the kernels SDPA can use (default choice, model.py's backend
+   order, no mask, FlexAttention with a block mask), forward + backward, and how far each is from the math kernel.
+4. Per stage (512 px + REPA teacher, 512 px, 1024 px SPRINT, 1024 px dense fine-tune): compiled fwd+bwd of one
+   micro-batch on random inputs with the real optimizers: time, images/s, TFLOP/s, MFU against a bf16 matmul peak
+   measured on the same card, peak memory, and the share of an 8-GPU optimizer step spent in the Muon update, the
+   REPA teacher and the text encoder (live T5Gemma-2B encoder, or reading cached embeddings). Then the sampler: one
+   1024 px image, 50 Euler steps with CFG. Last, a table.
 
-Nothing is downloaded (the device has no network): the text encoder and the teacher are built from their configs
-with random weights; their cost is that of the real checkpoints, their outputs are not. A distributed-Muon cost
-model (Newton-Schulz FLOPs against model FLOPs per step, world sizes 1 and 8) is printed first, without a GPU.
+Nothing is downloaded (the device has no network): the text encoders and the teacher are built from their configs
+with random weights (the loop's T5Gemma has the real width and one layer; a word-level tokenizer is built here);
+their cost is that of the real checkpoints (the loop's encoder: far less), their outputs are not. A distributed-Muon
+cost model (Newton-Schulz FLOPs against model FLOPs per step, world sizes 1 and 8) is printed too, without a GPU.
 """
 
 import argparse
 import dataclasses
 import math
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,20 +65,6 @@ def muon_cost_model(cfg, stages, worlds=(1, 8), txt_len=256):
             fwd_bwd = st.batch * model.train_flops(cfg, st.res, txt_len, st.drop) / w
             rows.append((w, st.name, ns, fwd_bwd, ns / (ns + fwd_bwd)))
     return rows
-
-
-def peak_matmul_flops(device, dtype):
-    n = 8192 if device.type == "cuda" else 512
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    reps = 20 if device.type == "cuda" else 5
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
 def sync(device):
@@ -175,12 +171,168 @@ def bench_stage(net, fwd, cfg, st, micro, opts, teacher, projector, enc, device,
                 "fp32": all(p.dtype == torch.float32 for p in net.parameters())}
 
 
+# ---------------------------------------------------------------------------------------------- 1. build anywhere
+
+
+def build_anywhere(cfg, devices):
+    """model.PRX must build under any device context (sharded or deferred initialisation)."""
+    for dev in devices:
+        with torch.device(dev):
+            net = model.PRX(cfg)
+        where = {t.device.type for t in list(net.parameters()) + list(net.buffers())}
+        print(f"build under torch.device({dev!r}): every tensor on {sorted(where)}")
+        del net
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the loop's child process needs the memory
+
+
+# ---------------------------------------------------------------------------------------------- 2. the real loop
+
+
+def save_text_encoder(path, width, cpu):
+    """A T5Gemma saved like the hub checkpoint (encoder + decoder, 1 layer each, the real width on a GPU) and a
+    word-level tokenizer built here, so that data.TextEncoder loads it through the record track's code path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5GemmaConfig, T5GemmaModel
+
+    sub = {"vocab_size": 1000, "hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 1,
+           "num_attention_heads": 2 if cpu else 8, "num_key_value_heads": 1, "head_dim": 16 if cpu else 256,
+           "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1}
+    T5GemmaModel(T5GemmaConfig(encoder=sub, decoder=sub, vocab_size=1000)).save_pretrained(path)
+    words = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"w{i}" for i in range(996)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])  # as Gemma
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                            unk_token="<unk>").save_pretrained(path)
+
+
+def print_time(fn):
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        fn(*a, **k)
+        print(f"loop: {fn.__name__} {time.perf_counter() - t:.1f} s", flush=True)
+    return wrapper
+
+
+def loop_child(cpu, out, steps):
+    """Runs in the child: train.main on train.RECORD with `steps` steps per stage and scenes as every source."""
+    tmp = Path(tempfile.mkdtemp(prefix="gpu-check-loop-"))
+    save_text_encoder(tmp / "t5gemma", 32 if cpu else 2304, cpu)
+    build_teacher("cpu", cpu).save_pretrained(tmp / "dino")
+    stages = tuple(dataclasses.replace(s, steps=steps, source="scenes") for s in train.RECORD.stages)
+    if cpu:  # the same stages in miniature
+        stages = tuple(dataclasses.replace(s, res=s.res // 8, batch=8, micro=4) for s in stages)
+    train.TRACKS["record"] = dataclasses.replace(
+        train.RECORD, stages=stages, text_encoder=str(tmp / "t5gemma"), teacher=str(tmp / "dino"), warmup=2,
+        sample_steps=8, ckpt_every=10**9, **({"preset": "tiny", "workers": 2} if cpu else {}))
+    for name in ("enter_stage", "sample_grid"):  # time them (instrumentation of this check only)
+        setattr(train, name, print_time(getattr(train, name)))
+    env = dict(os.environ, SPEEDRUN_TRACK="record", SPEEDRUN_OUT=str(tmp / "out"), SPEEDRUN_RUN_ID="loop")
+    t = time.perf_counter()
+    code = train.main(env)
+    print(f"loop: train.main returned {code} after {time.perf_counter() - t:.1f} s", flush=True)
+    log = (tmp / "out" / "logs" / "loop.txt").read_text().split("==== end of sources ====")[-1]
+    print(log, flush=True)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "loop-log.txt").write_text(log)
+        for png in sorted((tmp / "out" / "logs" / "loop-samples").glob("*.png")):
+            shutil.copy(png, Path(out) / f"loop-{png.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return code
+
+
+def run_loop(cpu, out, steps):
+    """The loop in a child process, so that the time from `done:` to the process's exit is measured."""
+    cmd = [sys.executable, __file__, "--loop-child", "--steps", str(steps)] + (["--cpu"] if cpu else []) + \
+        (["--out", str(out)] if out else [])
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines, t_done = [], None
+    for line in child.stdout:
+        print(line, end="", flush=True)
+        lines.append(line)
+        if line.startswith("done:"):
+            t_done = time.perf_counter()
+    try:
+        code = child.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        code = child.wait()
+    exit_s = time.perf_counter() - t_done if t_done else float("nan")
+    print(f"loop: exit code {code}, process gone {exit_s:.1f} s after `done:`")
+    return {"code": code, "exit_s": exit_s, "log": "".join(lines)}
+
+
+# ---------------------------------------------------------------------------------------------- 3. masked attention
+
+
+def attention_check(device, cpu, reps):
+    """Image queries over [text ; image] keys with the text padding mask (100 real text tokens of 256): each
+    kernel's fwd+bwd time and its largest difference from the math kernel (the exact reference)."""
+    shapes = [(2, 16, 8, 2, 16)] if cpu else [(64, 256, 256, 28, 64), (32, 1024, 256, 28, 64), (32, 256, 256, 28, 64)]
+    rows = []
+    for shape in shapes:
+        rows += attention_shape(*shape, device, cpu, reps)
+    return rows
+
+
+def attention_shape(B, N, L, heads, hd, device, cpu, reps):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dt = torch.float32 if cpu else torch.bfloat16
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(B, heads, n, hd, device=device, dtype=dt, generator=g).requires_grad_()
+               for n in (N, L + N, L + N))
+    real = torch.ones(B, L + N, dtype=torch.bool, device=device)
+    real[:, min(100, L - 1):L] = False
+    mask = real[:, None, None, :]
+
+    def sdpa(m=mask, order=None):
+        if order is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        with sdpa_kernel(order, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    state = {}
+
+    def flex():  # FlexAttention: a compiled kernel that skips the fully padded key blocks
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        if not state:
+            state["mask"] = create_block_mask(lambda b, h, qi, ki: real[b, ki], B, None, N, L + N, device=device)
+            state["fn"] = torch.compile(flex_attention)
+        return state["fn"](q, k, v, block_mask=state["mask"])
+
+    variants = {"default, mask": sdpa, "model.py order, mask": lambda: sdpa(order=model.MASKED_SDPA_ORDER),
+                "no mask (not exact)": lambda: sdpa(m=None)}
+    if not cpu:
+        variants["flex, block mask"] = flex
+    ref = sdpa(order=[SDPBackend.MATH]).float()
+    rows, flops = [], 4 * B * heads * N * (L + N) * hd * 3.5  # fwd + bwd (2.5x)
+    for name, fn in variants.items():
+        try:
+            t = timed(lambda fn=fn: fn().sum().backward(), device, reps)
+            rows.append((f"B{B} N{N} L{L}", name, t * 1e3, flops / t / 1e12, (fn().float() - ref).abs().max().item()))
+        except Exception as e:  # noqa: BLE001 (a kernel that refuses these inputs on this card: say so, go on)
+            rows.append((f"B{B} N{N} L{L}", f"{name}: n/a ({type(e).__name__}: {str(e)[:80]})", *[float("nan")] * 3))
+        print(f"  attention {rows[-1][0]} {rows[-1][1]}: {rows[-1][2]:.2f} ms fwd+bwd, {rows[-1][3]:.0f} TFLOP/s, "
+              f"max |diff| vs math {rows[-1][4]:.2e}", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="GPU readiness check of the record track (tiny preset with --cpu)")
     ap.add_argument("--cpu", action="store_true", help="run the tiny preset on the CPU")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="steps per stage in the real loop")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for the loop's log and sample grids")
+    ap.add_argument("--loop-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cpu = args.cpu or not torch.cuda.is_available()
+    if args.loop_child:
+        return loop_child(cpu, args.out, args.steps)
     device = torch.device("cpu" if cpu else "cuda")
     torch.set_flush_denormal(True)  # on CPUs, denormals appearing after a few optimizer steps slow matmuls ~50x
     track = train.CPU if cpu else train.RECORD
@@ -189,12 +341,19 @@ def main(argv=None):
         cfg = dataclasses.replace(cfg, text_dim=64)
     gpu = torch.cuda.get_device_name() if not cpu else "none (CPU run, tiny preset)"
     print(f"gpu_check: device {gpu}, torch {torch.__version__}, CUDA {torch.version.cuda}, preset {track.preset}")
+    t_start = time.perf_counter()
+    build_anywhere(model.PRESETS[train.RECORD.preset], ["meta"] + ([] if cpu else ["cuda"]))
+    print(f"\n2. train.py's loop, {args.steps} steps per stage", flush=True)
+    loop = run_loop(cpu, args.out, args.steps)
+    print(f"\n3. masked attention (after {time.perf_counter() - t_start:.0f} s)", flush=True)
+    attention = attention_check(device, cpu, args.reps)
+    print(f"\n4. per stage (after {time.perf_counter() - t_start:.0f} s)", flush=True)
 
     print("\nDistributed Muon cost model (Newton-Schulz FLOPs on the busiest rank vs model FLOPs per rank per step):")
     for w, name, ns, fb, share in muon_cost_model(model.PRESETS[train.RECORD.preset], train.RECORD.stages):
         print(f"  world {w}  {name:9s} NS {ns:.3e}  model {fb:.3e}  Muon share {100 * share:.2f} %")
 
-    peak = peak_matmul_flops(device, torch.bfloat16 if not cpu else torch.float32)
+    peak = train.peak_matmul_flops(device, torch.float32, 512, 5) if cpu else train.peak_matmul_flops(device)
     print(f"\nmeasured matmul peak: {peak / 1e12:.3g} TFLOP/s ({'bf16' if not cpu else 'fp32'})")
 
     torch.manual_seed(0)
@@ -266,8 +425,10 @@ def main(argv=None):
     print(f"SPRINT speed-up at {sprint['res']} px: {sprint['img_s'] / dense[sprint['res']]['img_s']:.2f}x images/s "
           f"of the dense stage (target >= 1.8x)")
     print(f"sampler: one {res} px image, 50 Euler steps, CFG 3.5: {t_sample:.2f} s")
-    return rows
+    print(f"gpu_check: done in {time.perf_counter() - t_start:.0f} s")
+    return {"stages": rows, "loop": loop, "attention": attention}
 
 
 if __name__ == "__main__":
-    main()
+    out = main()
+    sys.exit(out if isinstance(out, int) else 0)

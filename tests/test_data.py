@@ -220,9 +220,12 @@ def tiny_t5gemma(tmp_path_factory):
     return d, full
 
 
-def test_t5gemma_encoder_loads_encoder_weights(tiny_t5gemma):
+def test_t5gemma_encoder_loads_encoder_weights(tiny_t5gemma, capfd):
     d, full = tiny_t5gemma
     enc = data.TextEncoder(d)
+    said = capfd.readouterr()
+    assert "UNEXPECTED" not in said.out + said.err  # no per-tensor report of the (expected) decoder weights
+    assert "encoder tensors loaded" in said.out and "decoder tensors ignored (expected" in said.out
     assert type(enc.model).__name__ == "T5GemmaEncoderModel" and enc.dim == 32 and enc.tok.padding_side == "right"
     emb, mask = enc.encode(["a red circle at the top left", "blue"])
     assert mask[0].all() and mask[1].sum() < mask[0].sum() and not mask[1, -1]

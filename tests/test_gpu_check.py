@@ -8,9 +8,19 @@ import model
 import train
 
 
-def test_gpu_check_runs_on_cpu(capsys):
-    rows = gpu_check.main(["--cpu", "--reps", "1"])
+def test_gpu_check_runs_on_cpu(capsys, tmp_path):
+    res = gpu_check.main(["--cpu", "--reps", "1", "--steps", "2", "--out", str(tmp_path)])
     out = capsys.readouterr().out
+    rows, loop = res["stages"], res["loop"]
+    # the real loop: four stages, step lines, background checkpoints, the grids; the process exits promptly
+    assert loop["code"] == 0 and loop["exit_s"] < 10, loop["log"][-3000:]
+    for key in ("step:8/8 stage:4", "stall_s:", "checkpoint_written:", "done: track:record", "decoder tensors ignored"):
+        assert key in loop["log"], key
+    assert "UNEXPECTED" not in loop["log"]
+    assert sorted(p.name for p in tmp_path.glob("loop-*.png")) == [
+        "loop-stage1-burn-in.png", "loop-stage2-main.png", "loop-stage3-high-res.png", "loop-stage4-sft.png"]
+    assert all(r[4] < 1e-5 for r in res["attention"] if "not exact" not in r[1])  # exact kernels agree with math
+    assert "build under torch.device('meta'): every tensor on ['meta']" in out
     assert [r["stage"] for r in rows] == [s.name for s in train.CPU.stages]
     for r in rows:
         assert r["fp32"] and r["img_s"] > 0 and r["loss"] == r["loss"]  # FP32 weights, finite loss

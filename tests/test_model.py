@@ -285,3 +285,30 @@ def test_sprint_cuts_1024px_training_flops_and_1p2b_size():
     print(f"1.2B: {n / 1e9:.3f} B params; 1024 px fwd+bwd {dense:.3e} dense, {sprint:.3e} SPRINT: {dense / sprint:.2f}x")
     assert dense / sprint >= 1.9
     assert 1.3e12 < model.train_flops(cfg, 512) < 1.45e12  # RECIPE.md: about 1.35 TFLOP at 512 px
+
+
+def test_builds_under_any_device_context():
+    """Sharded or deferred initialisation: the model builds under torch.device("meta") (and "cuda" where there is
+    one) with every tensor there; materialised and loaded, it computes what the CPU-built model computes."""
+    ref = randomize(PRX(CFG)).eval()
+    for dev in ["meta"] + (["cuda"] if torch.cuda.is_available() else []):
+        with torch.device(dev):
+            m = PRX(CFG)
+        assert {t.device.type for t in list(m.parameters()) + list(m.buffers())} == {dev}
+    with torch.device("meta"):
+        m = PRX(CFG)
+    m = m.to_empty(device="cpu").eval()
+    m.load_state_dict(ref.state_dict())
+    x, t, txt, mask = inputs()
+    assert torch.equal(m(x, t, txt, mask), ref(x, t, txt, mask))
+    assert torch.equal(PRX(CFG).mask_token, ref.mask_token)  # drawn from its own seed, whatever the global RNG
+
+
+def test_masked_attention_backend_choice_is_exact(monkeypatch):
+    """The backend order model.py gives masked SDPA (cuDNN first on CUDA) computes what the math reference does."""
+    from torch.nn.attention import SDPBackend
+    m = randomize(PRX(CFG)).eval()
+    x, t, txt, mask = inputs()
+    out = m(x, t, txt, mask)
+    monkeypatch.setattr(model, "MASKED_SDPA_ORDER", [SDPBackend.MATH])
+    torch.testing.assert_close(m(x, t, txt, mask), out, rtol=1e-5, atol=1e-5)

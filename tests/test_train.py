@@ -238,7 +238,8 @@ def test_cpu_track_end_to_end(reference):
     for name in ("train.py", "model.py", "data.py"):
         assert src[name][0] == evaluation.sha256(ROOT / name) and src[name][1] is not None, name
     for key in ("git:", "dirty:", "data_manifest:scenes:", "python:", "torch:", "world:1", "track:cpu",
-                "STAND-IN teacher", "teacher freed", "captions:mixed:0.5", "sprint_drop:0.75", "done: track:cpu"):
+                "STAND-IN teacher", "teacher freed", "captions:mixed:0.5", "sprint_drop:0.75", "done: track:cpu",
+                "stall_s:", "checkpoint_written:", "peak: spec"):
         assert key in log, key
     rows = evaluation.parse_log(out / "logs" / "ref.txt")
     total = sum(round(s.steps * float(SCALE)) for s in train.CPU.stages)
@@ -319,3 +320,51 @@ def test_skipped_rows_give_the_mean_over_the_served_samples(tmp_path, monkeypatc
         losses[key] = train.train_step(run)["loss"]
     assert losses["skipped"] == pytest.approx(losses["plain"], rel=1e-6)
     torch.testing.assert_close(grads["skipped"], grads["plain"])
+
+
+def test_old_stage_workers_end_at_the_stage_switch(tmp_path):
+    """Each stage makes a new loader: the previous one's worker processes must be gone once the next stage starts,
+    and none may outlive the run."""
+    import multiprocessing as mp
+    run = make_run(tmp_path, dataclasses.replace(TINY, workers=2))
+    train.enter_stage(run, 0)
+    train.next_batch(run)
+    old = mp.active_children()
+    assert len(old) == 2
+    train.enter_stage(run, 1)
+    train.next_batch(run)
+    new = mp.active_children()
+    assert len(new) == 2 and not any(p.is_alive() for p in old) and not {p.pid for p in old} & {p.pid for p in new}
+    run.loader.close()
+    assert mp.active_children() == []
+
+
+def test_checkpoint_written_in_the_background_holds_the_state_at_save_time(tmp_path, monkeypatch):
+    """save_checkpoint returns while the write is still blocked; training goes on; the checkpoint that lands holds
+    the weights of the step it was taken at (a host copy, not the live tensors), and a failed write is raised."""
+    import threading
+    gate, write = threading.Event(), train.write_checkpoint
+    monkeypatch.setattr(train, "write_checkpoint", lambda *a: (gate.wait(30), write(*a)))
+    run = make_run(tmp_path)
+    train.enter_stage(run, 1)
+    train.train_step(run)
+    at_save = {k: v.clone() for k, v in run.model.state_dict().items()}
+    train.save_checkpoint(run, "test")
+    assert run.writer["thread"].is_alive() and train.latest_checkpoint(tmp_path / "checkpoints" / "test") is None
+    train.train_step(run)  # the weights change while the write waits
+    assert any(not torch.equal(v, at_save[k]) for k, v in run.model.state_dict().items())
+    gate.set()
+    train.wait_for_checkpoint(run)
+    ckpt = train.latest_checkpoint(tmp_path / "checkpoints" / "test")
+    assert ckpt.name == "step-00000001" and run.writer is None
+    saved = load_file(str(ckpt / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in at_save.items())
+
+    def broken(*a):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train, "write_checkpoint", broken)
+    train.save_checkpoint(run, "test")
+    with pytest.raises(RuntimeError, match="step-00000002") as e:
+        train.wait_for_checkpoint(run)
+    assert isinstance(e.value.__cause__, OSError)
+    assert train.latest_checkpoint(tmp_path / "checkpoints" / "test").name == "step-00000001"  # the previous stays
