@@ -322,12 +322,55 @@ def attention_shape(B, N, L, heads, hd, device, cpu, reps):
     return rows
 
 
+def block_attention_check(device, cpu, reps):
+    """The attention kernel a model.Block really runs at 512 px (batch 64, 256 padded text tokens), eager and
+    compiled, with and without model.py's backend order: fwd+bwd time and the attention kernels the profiler saw."""
+    from torch.nn.attention import sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = model.PRESETS["tiny" if cpu else train.RECORD.preset]
+    B, gh, L = (2, 4, 8) if cpu else (64, 16, 256)
+    torch.manual_seed(0)
+    blk = model.Block(cfg).to(device)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.normal_(0, 0.02)
+    x, txt = torch.randn(B, gh * gh, cfg.hidden, device=device), torch.randn(B, L, cfg.hidden, device=device)
+    vec = torch.randn(B, cfg.hidden, device=device)
+    ang = model.rope_angles(model.grid_positions(gh, gh, device), cfg.head_dim, cfg.theta)[None, None]
+    real = torch.ones(B, L + gh * gh, dtype=torch.bool, device=device)
+    real[:, min(100, L - 1):L] = False
+    for compiled in (False, True):
+        for ordered in (False, True):
+            torch._dynamo.reset()  # a fresh compilation under each setting
+            f = torch.compile(blk) if compiled else blk
+
+            def fb(f=f, ordered=ordered):
+                with torch.autocast(device.type, torch.bfloat16, enabled=not cpu):
+                    if ordered:
+                        with sdpa_kernel(model.MASKED_SDPA_ORDER, set_priority=True):
+                            out = f(x, txt, vec, ang.cos(), ang.sin(), real[:, None, None])
+                    else:
+                        out = f(x, txt, vec, ang.cos(), ang.sin(), real[:, None, None])
+                out.float().sum().backward()
+
+            t = timed(fb, device, reps)
+            with profile(activities=[ProfilerActivity.CPU] + ([] if cpu else [ProfilerActivity.CUDA])) as prof:
+                fb()
+            names = sorted({e.key[:70] for e in prof.key_averages() if any(
+                s in e.key.lower() for s in ("attention", "fmha", "flash", "cudnn", "sdpa", "mha"))})
+            print(f"  block fwd+bwd {'compiled' if compiled else 'eager   '} "
+                  f"{'model.py order' if ordered else 'default order '}: {t * 1e3:.1f} ms; kernels {names[:6]}",
+                  flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="GPU readiness check of the record track (tiny preset with --cpu)")
     ap.add_argument("--cpu", action="store_true", help="run the tiny preset on the CPU")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3, help="steps per stage in the real loop")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for the loop's log and sample grids")
+    ap.add_argument("--skip-stages", action="store_true", help="leave out part 4 (the per-stage benchmarks)")
     ap.add_argument("--loop-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cpu = args.cpu or not torch.cuda.is_available()
@@ -346,7 +389,10 @@ def main(argv=None):
     print(f"\n2. train.py's loop, {args.steps} steps per stage", flush=True)
     loop = run_loop(cpu, args.out, args.steps)
     print(f"\n3. masked attention (after {time.perf_counter() - t_start:.0f} s)", flush=True)
+    block_attention_check(device, cpu, args.reps)
     attention = attention_check(device, cpu, args.reps)
+    if args.skip_stages:
+        return {"loop": loop, "attention": attention}
     print(f"\n4. per stage (after {time.perf_counter() - t_start:.0f} s)", flush=True)
 
     print("\nDistributed Muon cost model (Newton-Schulz FLOPs on the busiest rank vs model FLOPs per rank per step):")
