@@ -93,14 +93,18 @@ class Track:
 
 
 MJ = "mj-llava"  # brivangl/midjourney-v6-llava: llava long captions + the original short prompts
-# RECIPE 7b: an estimate until GPU throughput is measured (est. 2.2e20 FLOP of the ~2.7e20 in 24 h at 40 % MFU).
+# Step counts from measured throughput (records/gpu-checks/2026-11-26: train.py's loop on one H100, torch 2.11):
+# 273 / 290 / 150 / 71 img/s per GPU in the four stages, less the measured share of reading cached text embeddings
+# (4.4 / 2.9 / 1.6 / 1.1 %). ASSUMED until measured: 8 GPUs scale linearly, the loader keeps up, text comes from
+# the cache. images / (8 x rate) = 3.4 + 10.1 + 4.8 + 2.5 h, + ~10 min of compilation, checkpoints and grids
+# = 21.0 h: 12 % margin to the 24 h cap.
 RECORD = Track(
     name="record", preset="prx-1.2b-pixel", text_encoder="google/t5gemma-2b-2b-ul2",
     teacher="facebook/dinov2-with-registers-base",  # DINOv3 (gated): "facebook/dinov3-vitl16-pretrain-lvd1689m"
     shift_base=256,
     stages=(  # name      res   steps  batch micro captions          repa  drop  pdrop lr        source
         Stage("burn-in", 512, 25_000, 1024, 64, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), MJ),
-        Stage("main", 512, 75_000, 1024, 64, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), MJ),
+        Stage("main", 512, 80_000, 1024, 64, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), MJ),
         Stage("high-res", 1024, 40_000, 512, 32, ("long", 0.0), 0.0, 0.75, 0.1, (1.0, 1.0), MJ),
         Stage("sft", 1024, 10_000, 512, 16, ("mixed", 0.5), 0.0, 0.0, 0.1, (1.0, 0.0), "sft-mix"),  # + alchemist
     ))
@@ -331,7 +335,7 @@ def peak_matmul_flops(device, dtype=torch.bfloat16, n=8192, reps=20):
 def setup(env=os.environ, track=None):
     run = SimpleNamespace(tr=track or select_track(env), out=Path(env.get("SPEEDRUN_OUT", ".")).resolve(), step=0,
                           k=None, teacher=None, projector=None, loader=None, elapsed0=0.0, flags={}, t0=time.time(),
-                          writer=None, host_pool=[], peak_measured=float("nan"))
+                          writer=None, host_pool={}, peak_measured=float("nan"))
     if "RANK" in env:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         run.rank, run.world, local = dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", 0))
@@ -521,30 +525,27 @@ def train_step(run):
 
 def to_host(obj, pool=None):
     """A copy in host memory of every tensor in obj (nested dicts/lists), on a CPU too, so that training may go on
-    while a thread writes it. CUDA tensors go to page-locked buffers kept in `pool` and reused in traversal order
-    from one checkpoint to the next (allocating 14 GB of pinned memory is itself slow), copied asynchronously,
-    then one synchronisation."""
-    pool, count = ([] if pool is None else pool), [0]
+    while a thread writes it. CUDA tensors go to page-locked buffers kept in `pool` under their path in obj and
+    reused from one checkpoint to the next (allocating 14 GB of pinned memory took 10-13 s on an H200), copied
+    asynchronously, then one synchronisation."""
+    pool = {} if pool is None else pool
 
-    def copy(x):
+    def copy(x, path):
         if isinstance(x, dict):
-            return {k: copy(v) for k, v in x.items()}
+            return {k: copy(v, f"{path}/{k}") for k, v in x.items()}
         if isinstance(x, (list, tuple)):
-            return type(x)(copy(v) for v in x)
+            return type(x)(copy(v, f"{path}/{i}") for i, v in enumerate(x))
         if not torch.is_tensor(x):
             return x
         if x.device.type != "cuda":
             return x.detach().to("cpu", copy=True).contiguous()
-        i = count[0]
-        count[0] += 1
-        if i == len(pool):
-            pool.append(None)
-        if pool[i] is None or pool[i].shape != x.shape or pool[i].dtype != x.dtype:
-            pool[i] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        return pool[i].copy_(x.detach(), non_blocking=True)
+        buf = pool.get(path)
+        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+            buf = pool[path] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        return buf.copy_(x.detach(), non_blocking=True)
 
-    out = copy(obj)
-    if count[0]:
+    out = copy(obj, "")
+    if pool:
         torch.cuda.synchronize()
     return out
 
@@ -820,4 +821,9 @@ def main(env=os.environ):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is written and closed (log, last checkpoint, loader workers, process group): skip the interpreter's
+    # teardown of CUDA state, pinned buffers and compiled-code caches, which took 7-13 s after `done:` on a GPU.
+    os._exit(code)
