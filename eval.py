@@ -33,9 +33,10 @@ from tqdm import tqdm
 # ======================================================================================================
 PROTOCOLS = {
     # Record track: PRX's evaluation (50 Euler steps, CFG 3.5, seed 42) on the held-out split of the real data.
-    "record": {"version": 1, "eval_set": "data.ParquetSource('mj-llava', split='heldout')", "n": 10_000, "res": 1024,
+    "record": {"version": 2, "eval_set": "data.ParquetSource('mj-llava', split='heldout')", "n": 10_000, "res": 1024,
                "method": "euler", "steps": 50, "cfg_scale": 3.5, "interval": (0.0, 1.0), "shift": 4.0, "weak": "cfg",
-               "seed": 42, "metrics": ("fid", "cmmd", "dino_mmd", "fd_dinov2")},
+               "seed": 42, "metrics": ("fid", "cmmd", "dino_mmd", "fd_dinov2"),
+               "dino_mmd_resize": "F.interpolate bicubic 518x518, align_corners=False, antialias=False, no crop"},
     # CPU track: held-out procedural scenes (data.heldout_scenes), long captions as prompts, FID + adherence.
     "cpu": {"version": 1, "eval_set": "data.heldout_scenes", "n": 1_000, "res": 128, "method": "euler", "steps": 32,
             "cfg_scale": 3.0, "interval": (0.0, 1.0), "shift": 2.0, "weak": "cfg", "seed": 42,
@@ -236,31 +237,36 @@ class InceptionFeatures:
 
 
 class HFFeatures:
-    """CLIP ViT-L/14-336 image_embeds (CMMD), DINOv2-reg-L/14 CLS at 518 (DINO-MMD, as PRX), DINOv2-L/14 CLS at 224
-    (FD-DINOv2, Stein et al. 2023). uint8 centre crop + PIL bicubic resize (the CMMD reference), then mean/std."""
+    """CLIP ViT-L/14-336 image_embeds (CMMD), DINOv2-reg-L/14 CLS at 518 (DINO-MMD), DINOv2-L/14 CLS at 224
+    (FD-DINOv2, Stein et al. 2023), each after its reference's resize (`preprocess`) and mean/std."""
     CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
     IMNET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    SPECS: ClassVar = {"cmmd": ("clip", 336, *CLIP, True), "dino_mmd": ("dinov2reg", 518, *IMNET, True),
-                       "fd_dinov2": ("dinov2", 224, *IMNET, False)}
+    SPECS: ClassVar = {"cmmd": ("clip", 336, *CLIP, True, True), "dino_mmd": ("dinov2reg", 518, *IMNET, True, False),
+                       "fd_dinov2": ("dinov2", 224, *IMNET, False, True)}  # (..., L2-normalise, PIL resize)
 
     def __init__(self, metric, name_or_path=None, device="cpu"):
         import transformers as tr
-        self.kind, self.size, mean, std, self.l2 = self.SPECS[metric]
+        self.kind, self.size, mean, std, self.l2, self.pil = self.SPECS[metric]
         cls = {"clip": tr.CLIPVisionModelWithProjection, "dinov2reg": tr.Dinov2WithRegistersModel,
-               "dinov2": tr.Dinov2Model}[self.kind]
-        self.name = f"{metric}:{name_or_path or EXTRACTOR_IDS[metric]}"
-        self.net = cls.from_pretrained(name_or_path or EXTRACTOR_IDS[metric]).to(device).eval()
+               "dinov2": tr.Dinov2Model}[self.kind]  # the name keys the reference-feature cache: it names the resize
+        self.name = f"{metric}:{name_or_path or EXTRACTOR_IDS[metric]}" + ("" if self.pil else ":interp")
+        self.net, self.device = cls.from_pretrained(name_or_path or EXTRACTOR_IDS[metric]).to(device).eval(), device
         self.mean, self.std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
-        self.device = device
+
+    def preprocess(self, images) -> torch.Tensor:
+        x, (h, w), s = to_uint8(images).cpu(), images.shape[-2:], min(images.shape[-2:])
+        if self.pil:  # CMMD, FD-DINOv2: uint8 centre crop (a no-op on square images), antialiased PIL bicubic
+            box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+            x = torch.from_numpy(np.stack([Image.fromarray(im.permute(1, 2, 0).numpy()).crop(box).resize(
+                (self.size, self.size), Image.BICUBIC) for im in x])).permute(0, 3, 1, 2)
+        x = x.to(self.device).float() / 255
+        if not self.pil:  # DINO-MMD as PRX: [0, 1] float, bicubic F.interpolate to 518 x 518, no antialias, no crop
+            x = torch.nn.functional.interpolate(x, self.size, mode="bicubic", align_corners=False, antialias=False)
+        return (x - self.mean) / self.std
 
     @torch.no_grad()
     def __call__(self, images) -> np.ndarray:
-        h, w = images.shape[-2:]
-        s, box = min(h, w), ((w - min(h, w)) // 2, (h - min(h, w)) // 2)
-        ims = [Image.fromarray(im.permute(1, 2, 0).numpy()).crop((*box, box[0] + s, box[1] + s)).resize(
-            (self.size, self.size), Image.BICUBIC) for im in to_uint8(images).cpu()]  # PIL: antialiased, as CMMD's
-        x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).to(self.device).float() / 255
-        out = self.net(pixel_values=(x - self.mean) / self.std)
+        out = self.net(pixel_values=self.preprocess(images))
         f = (out.image_embeds if self.kind == "clip" else out.last_hidden_state[:, 0]).double()  # CLS: final norm
         return (f / f.norm(dim=-1, keepdim=True) if self.l2 else f).cpu().numpy()
 

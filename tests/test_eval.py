@@ -131,6 +131,28 @@ def test_tiny_clip_and_dino_load_through_the_production_path(tmp_path):
     assert "cmmd" not in ex2 and missing2["cmmd"].startswith("unavailable")
 
 
+
+def test_dino_mmd_preprocessing_is_prx_bicubic_interpolate_without_crop_or_antialias(tmp_path):
+    import transformers as tr
+    torch.manual_seed(0)
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    tr.Dinov2WithRegistersModel(tr.Dinov2WithRegistersConfig(**small, image_size=518, patch_size=14)
+                                ).save_pretrained(tmp_path / "dinoreg")
+    ex = ev.HFFeatures("dino_mmd", str(tmp_path / "dinoreg"))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ev.HFFeatures.IMNET)
+    for shape in ((2, 3, 40, 48), (1, 3, 600, 560)):  # non-square, up- and downsampled (where antialias would act)
+        imgs = torch.randint(0, 256, shape, dtype=torch.uint8)
+        want = torch.nn.functional.interpolate(imgs.float() / 255, size=(518, 518), mode="bicubic",
+                                               align_corners=False, antialias=False)
+        assert torch.equal(ex.preprocess(imgs), (want - mean) / std)  # the whole image, stretched: no centre crop
+    with torch.no_grad():
+        cls = ex.net(pixel_values=ex.preprocess(imgs)).last_hidden_state[:, 0].double()
+    np.testing.assert_allclose(ex(imgs), (cls / cls.norm(dim=-1, keepdim=True)).numpy(), rtol=1e-12)
+    assert ex.name.endswith(":interp")  # cached reference features of the old (cropped, antialiased) resize not reused
+    assert "antialias=False, no crop" in ev.PROTOCOLS["record"]["dino_mmd_resize"]
+    baseline = Path(__file__).resolve().parents[1] / "records/cpu/2026-11-26_baseline/metrics.json"
+    assert ev.protocol_hash(ev.PROTOCOLS["cpu"]) == json.loads(baseline.read_text())["protocol_hash"]  # unchanged
+
 # ---------------------------------------------------------------------------------------------- sampler
 class Oracle(torch.nn.Module):
     """Test double: the text embedding carries the true x0 of each sample (zeros for the null condition).
