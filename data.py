@@ -367,6 +367,17 @@ def check_scene(img, scene) -> dict:
     return {k: float(np.mean(v)) for k, v in ok.items()}
 
 
+def validation_batch(source, res, n):
+    """A fixed held-out batch (uint8 images, long captions) for the binned validation loss: held-out scenes on the
+    CPU track, the first n held-out rows of a hub source (a mixture: of its main source)."""
+    if source == "scenes":
+        scenes = heldout_scenes(n)
+        return torch.stack([render_scene(s, res) for s in scenes]), [s.long_caption for s in scenes]
+    src = ParquetSource.from_name(MIXES[source][0] if source in MIXES else source, DATA_ROOT, split="heldout")
+    rows = [src.load(int(r), res) for r in np.flatnonzero(src.keep)[:n]]
+    return torch.stack([r[0] for r in rows]), [pick_caption(r[1], r[2], False)[0] for r in rows]
+
+
 # ============================================================ Image decoding
 class SampleError(Exception):
     """A row that cannot be served (which file, which row, why): skipped and counted, never fatal."""

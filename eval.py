@@ -472,6 +472,16 @@ def environment() -> dict:
                 "cuda": torch.version.cuda, "transformers": transformers.__version__, "numpy": np.__version__}
 
 
+def parse_val_loss(logs) -> dict:
+    """train.py's `val_loss: stage:k res:r t0.1:x ... mean:m` lines -> {"stage<k>": {...}}; the last: the run's end."""
+    out = {}
+    for line in "".join(Path(p).read_text(errors="replace") for p in logs).splitlines():
+        if line.startswith("val_loss:"):
+            kv = dict(tok.split(":", 1) for tok in line.split()[1:])
+            out[f"stage{kv.pop('stage')}"] = {k: float(v) for k, v in kv.items()}
+    return out
+
+
 def make_record(track, ckpt, logs, name, description="", n=None, hardware=None, wall_clock=None, root="records"):
     """records/<track>/<date>_<name>/: logs, code as run, metrics.json, samples.png, loss.png, README.md."""
     d = Path(root) / track / f"{datetime.date.today().isoformat()}_{name}"
@@ -496,6 +506,7 @@ def make_record(track, ckpt, logs, name, description="", n=None, hardware=None, 
     metrics.update(name=name, date=datetime.date.today().isoformat(), description=description,
                    hardware=hardware or environment()["eval_hardware"], wall_clock_s=round(wall_clock, 1),
                    steps=rows[-1].get("step"), images_seen=rows[-1].get("seen"), protocol=proto,
+                   val_loss=parse_val_loss(logs),
                    code_hashes={f: sha256(d / f) for f in CODE_FILES}, software=environment(), ckpt=str(ckpt))
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     (d / "README.md").write_text(

@@ -726,6 +726,33 @@ def step_line(run, m, dt):
             f"{f' mfu_measured:{meas:.3f}' if math.isfinite(meas) else ''} mem_gb:{mem:.1f} seen:{seen}")
 
 
+VAL_T = (0.1, 0.3, 0.5, 0.7, 0.9)  # t bins of the validation loss
+VAL_N = 32  # held-out images in its fixed batch
+
+
+@torch.no_grad()
+def binned_val_loss(run):
+    """PRX logs a validation loss binned by t: the EMA weights' flow-matching loss on a fixed held-out batch with
+    fixed noise at fixed t, so that two runs (or two stages) compare with little noise."""
+    st = run.stage
+    images, captions = data.validation_batch(st.source, st.res, VAL_N)
+    x0 = images.to(run.device).float().div(127.5).sub(1)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(run.tr.seed + 7)).to(run.device)
+    txt, mask = text_condition(run, {"caption": captions}, [False] * len(captions))
+    bins = {}
+    for t in VAL_T:
+        total = 0.0
+        for i in range(0, len(x0), run.micro):  # micro-batches: the same memory as training
+            tt = torch.full((len(x0[i:i + run.micro]),), t, device=run.device)
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp is not None):
+                fm, _, _ = flow_matching_loss(run.ema, x0[i:i + run.micro], eps[i:i + run.micro], tt,
+                                              txt[i:i + run.micro], mask[i:i + run.micro])
+            total += fm.sum().item()
+        bins[t] = total / len(x0)
+    log(run, f"val_loss: stage:{run.k + 1} res:{st.res} " + " ".join(f"t{t}:{v:.4f}" for t, v in bins.items()) +
+        f" mean:{sum(bins.values()) / len(bins):.4f}", console=True)
+
+
 def sample_grid(run):
     """Fixed-prompt grid of the EMA weights at the stage's resolution (eval.py's sampler)."""
     import eval as evaluation
@@ -794,6 +821,7 @@ def main(env=os.environ):
         if run.step in ends:
             if run.rank == 0:
                 sample_grid(run)
+                binned_val_loss(run)
             save_checkpoint(run, f"end of stage {run.k + 1}")
         elif run.step % run.tr.ckpt_every == 0:
             save_checkpoint(run, "periodic")

@@ -368,3 +368,22 @@ def test_checkpoint_written_in_the_background_holds_the_state_at_save_time(tmp_p
         train.wait_for_checkpoint(run)
     assert isinstance(e.value.__cause__, OSError)
     assert train.latest_checkpoint(tmp_path / "checkpoints" / "test").name == "step-00000001"  # the previous stays
+
+
+def test_binned_validation_loss_is_deterministic_and_binned(tmp_path):
+    """The same checkpoint gives the same numbers (fixed batch, noise and t); the bins differ from each other; the
+    log line parses into the record's metrics."""
+    run = make_run(tmp_path)
+    train.enter_stage(run, 1)
+    run.logf = open(tmp_path / "log.txt", "w")  # noqa: SIM115
+    train.binned_val_loss(run)
+    train.binned_val_loss(run)
+    run.logf.close()
+    lines = [x for x in (tmp_path / "log.txt").read_text().splitlines() if x.startswith("val_loss:")]
+    assert len(lines) == 2 and lines[0] == lines[1]
+    vals = evaluation.parse_val_loss([tmp_path / "log.txt"])["stage2"]
+    bins = [vals[f"t{t}"] for t in train.VAL_T]
+    assert len(set(bins)) == len(bins) and all(v > 0 for v in bins) and vals["res"] == 32
+    assert vals["mean"] == pytest.approx(sum(bins) / len(bins), abs=1e-4)
+    images, captions = data.validation_batch("scenes", 32, train.VAL_N)
+    assert images.shape == (train.VAL_N, 3, 32, 32) and captions == [s.long_caption for s in data.heldout_scenes(32)]
