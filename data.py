@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -299,15 +300,29 @@ def _random_scene(rng, allow):
 
 @dataclass
 class SceneDataset:
-    """Seeded, infinite: scene(i) is a pure function of (seed, i). Training scenes avoid HELDOUT_PAIRS."""
+    """Seeded: scene(i) is a pure function of (seed, i). Training scenes avoid HELDOUT_PAIRS. Infinite, or a finite
+    pool of `pool` scenes served like a hub source (epochs in a seeded order), whose captions can then be encoded
+    once into a text cache (build_cache) instead of live at every step."""
     seed: int = 0
-    num_rows = None  # infinite
+    pool: int | None = None
+
+    def __post_init__(self):
+        self.num_rows = self.total_rows = self.pool  # None: infinite
+        self.fingerprint, self.bad = f"scenes-{self.seed}-{self.pool}", []
 
     def scene(self, i):
         return _random_scene(np.random.default_rng([self.seed, int(i)]), lambda p: p not in HELDOUT_PAIRS)
 
     def load(self, row, res):
         return render_scene(s := self.scene(row), res), s.long_caption, s.short_caption
+
+    def order(self, seed, epoch):
+        return np.random.default_rng([seed, epoch]).permutation(self.pool)
+
+    def iter_captions(self):
+        for i in range(self.pool):
+            s = self.scene(i)
+            yield i, s.long_caption, s.short_caption
 
 
 def heldout_scenes(n, seed=1234):
@@ -376,6 +391,78 @@ def validation_batch(source, res, n):
     src = ParquetSource.from_name(MIXES[source][0] if source in MIXES else source, DATA_ROOT, split="heldout")
     rows = [src.load(int(r), res) for r in np.flatnonzero(src.keep)[:n]]
     return torch.stack([r[0] for r in rows]), [pick_caption(r[1], r[2], False)[0] for r in rows]
+
+
+# ============================================================ CPU-track REPA teacher: trained once on the scenes
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINO's input normalisation
+
+
+def scene_labels(scene, grid, sub=8) -> torch.Tensor:
+    """Per-token targets on a grid x grid token map: the majority colour class (5 colours, then background) and
+    shape class (0 none, then SHAPES) of each token's pixels. -> long [grid * grid, 2]."""
+    res = grid * sub
+    yy, xx = np.mgrid[0:res, 0:res] + 0.5
+    colour, shape, cell = np.full((res, res), len(COLOURS)), np.zeros((res, res), int), res / 3
+    for c, sh, size, k in scene.objects:
+        m = _shape_mask(sh, (k // 3 + 0.5) * cell, (k % 3 + 0.5) * cell, SIZES[size] * cell, yy, xx)
+        colour[m], shape[m] = list(COLOURS).index(c), 1 + SHAPES.index(sh)
+    out = []
+    for lab, n in ((colour, len(COLOURS) + 1), (shape, len(SHAPES) + 1)):
+        onehot = np.eye(n, dtype=np.int32)[lab].reshape(grid, sub, grid, sub, n).sum((1, 3))
+        out.append(torch.from_numpy(onehot.argmax(-1).reshape(-1)))
+    return torch.stack(out, -1)
+
+
+def scene_teacher(path, steps=600, batch=32, grid=8, seed=0) -> str:
+    """The CPU track's REPA teacher, trained once during data preparation (outside the clock) and cached at `path`:
+    a tiny DINOv2-with-registers whose patch tokens learn, from rendered scenes, each token's colour and shape, so
+    that its features carry what the scenes are made of, as DINO's carry what photos are made of (DINO is trained
+    once on natural images). Seeded: the same weights on every run. It never sees the evaluation or the held-out
+    compositions, and it is not an evaluation network (aligning to Inception would game FID)."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    path = Path(path)
+    if (path / "config.json").exists():
+        return str(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+            hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128, patch_size=14,
+            image_size=grid * 14, num_register_tokens=4))
+        head = torch.nn.Linear(64, len(COLOURS) + 1 + len(SHAPES) + 1)
+        opt = torch.optim.AdamW(list(net.parameters()) + list(head.parameters()), lr=3e-3)
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        ds, nc = SceneDataset(seed + 99), len(COLOURS) + 1
+
+        def batch_of(start, n):
+            scenes = [ds.scene(start + j) for j in range(n)]
+            x = torch.stack([render_scene(s, grid * 14) for s in scenes]).float() / 255
+            return (x - mean) / std, torch.stack([scene_labels(s, grid) for s in scenes])
+
+        from tqdm import tqdm
+        for step in tqdm(range(steps), desc="REPA teacher (once)"):
+            x, y = batch_of(step * batch, batch)
+            logits = head(net(pixel_values=x).last_hidden_state[:, 5:])  # patch tokens (after CLS + 4 registers)
+            loss = F.cross_entropy(logits[..., :nc].flatten(0, 1), y[..., 0].flatten()) + \
+                F.cross_entropy(logits[..., nc:].flatten(0, 1), y[..., 1].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            x, y = batch_of(10**9, 256)  # fresh scenes
+            pred = head(net(pixel_values=x).last_hidden_state[:, 5:])
+            obj = y[..., 1] > 0  # tokens of an object (most tokens are background)
+            acc = [(pred[..., s].argmax(-1) == y[..., i])[obj].float().mean().item() for i, s in
+                   enumerate((slice(0, nc), slice(nc, None)))]
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    net.save_pretrained(tmp)
+    (tmp / "teacher.json").write_text(json.dumps({"steps": steps, "batch": batch, "seed": seed,
+                                                  "object_token_accuracy": {"colour": acc[0], "shape": acc[1]}}))
+    try:
+        os.rename(tmp, path)  # atomic: a concurrent run never sees half a teacher
+    except OSError:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
 
 
 # ============================================================ Image decoding

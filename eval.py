@@ -304,6 +304,20 @@ def eval_set(track, n, res):
     return [caps[r] for r in rows], lambda i: src.load(rows[i], res)[0], None
 
 
+def train_scenes(proto):
+    """Fresh scenes from the training generator (its held-out rule included), seeded apart from any training run."""
+    import data
+    ds = data.SceneDataset(proto["train_seed"])
+    return [ds.scene(i) for i in range(proto["n_train"])]
+
+
+def mean_rows(rows, mine):
+    """Per-attribute means of adherence dicts over all ranks' samples."""
+    keys = sorted(rows[0])
+    return {k: float(v) for k, v in zip(keys, gather_rows(np.array([[float(a[k]) for k in keys] for a in rows]),
+                                                          np.array(mine)).mean(0))}
+
+
 def reference_features(track, proto, n, extractors, real_image, batch_size=32, progress=True):
     """Real-set features, computed once and cached by (track, protocol version, data, extractor, res, N)."""
     import data
@@ -353,10 +367,14 @@ def evaluate(model, text_encoder, track="cpu", n=None, batch_size=16, extractor_
         gen = gather_rows(np.concatenate(feats[m]), np.array(mine))
         res[m] = frechet_from_features(gen, ref[m]) if m in ("fid", "fd_dinov2") else mmd(gen, ref[m])
     if check:
-        keys = sorted(adherence[0])
-        rows = gather_rows(np.array([[float(a[k]) for k in keys] for a in adherence]), np.array(mine))
-        res["adherence"] = {k: float(v) for k, v in zip(keys, rows.mean(0))}
-        res["note"] = "CPU track: not comparable with the record track (procedural scenes, 128 px, other N)"
+        res["adherence"] = mean_rows(adherence, mine)
+        scenes, mine_t = train_scenes(proto), list(range(rank, proto["n_train"], world))
+        import data
+        adherence = [data.check_scene(im, scenes[i]) for idx, imgs in generate(  # training-distribution prompts
+            model, text_encoder, [scenes[i].long_caption for i in mine_t], mine_t, proto["res"], proto, batch_size)
+            for i, im in zip(idx, imgs)]
+        res["adherence_train"] = mean_rows(adherence, mine_t)
+        res["note"] = f"CPU track: not comparable with the record track (procedural scenes, {proto['res']} px)"
     return dict(res, eval_seconds=round(time.time() - t0, 1))
 
 
@@ -525,19 +543,23 @@ def fmt(v, digits):
 
 
 def leaderboard_tables(root="records", prefix="") -> str:
-    """Markdown tables (one per track, numbered by date) from records/<track>/<folder>/metrics.json."""
+    """Markdown tables (one per track and protocol version, newest first, numbered by date) from
+    records/<track>/<folder>/metrics.json: results under different protocols are not comparable."""
     rows, out = {}, []
     for p in sorted(Path(root).glob("*/*/metrics.json")):
         m = json.loads(p.read_text())
-        rows.setdefault(m.get("track", p.parent.parent.name), []).append((m, p.parent))
-    head = "| # | FID | CMMD | DINO-MMD | adherence | N | wall clock | hardware | date | description | folder |"
-    for track in sorted(rows, key=lambda t: (t != "record", t)):
-        out += [f"### {track} track", "", head, "|---" * 11 + "|"]
-        for k, (m, d) in enumerate(sorted(rows[track], key=lambda r: (r[0].get("date", ""), r[1].name)), 1):
+        key = (m.get("track", p.parent.parent.name), m.get("protocol_version", 1))
+        rows.setdefault(key, []).append((m, p.parent))
+    head = ("| # | FID | CMMD | DINO-MMD | adherence held-out / train | N | wall clock | hardware | date | description "
+            "| folder |")
+    for track, version in sorted(rows, key=lambda t: (t[0] != "record", t[0], -t[1])):
+        out += [f"### {track} track, protocol v{version}", "", head, "|---" * 11 + "|"]
+        for k, (m, d) in enumerate(sorted(rows[track, version], key=lambda r: (r[0].get("date", ""), r[1].name)), 1):
             folder = d.relative_to(Path(root)).as_posix()
-            adh = (m.get("adherence") or {}).get("all")  # CPU track: all attributes right, held-out scenes
+            adh = [(m.get(a) or {}).get("all") for a in ("adherence", "adherence_train")]  # every attribute right
+            adh = " / ".join("-" if a is None else f"{100 * a:.1f} %" for a in adh)
             out.append(f"| {k} | {fmt(m.get('fid'), 2)} | {fmt(m.get('cmmd'), 3)} | {fmt(m.get('dino_mmd'), 3)} | "
-                       f"{'-' if adh is None else f'{100 * adh:.1f} %'} | {m.get('n', '-')} | "
+                       f"{adh} | {m.get('n', '-')} | "
                        f"{fmt_time(m.get('wall_clock_s'))} | {m.get('hardware', '-')} | {m.get('date', '-')} | "
                        f"{m.get('description', '')} | [{folder}]({prefix}{folder}) |")
         out.append("")

@@ -42,6 +42,9 @@ class PRXConfig:
     sparse_start: int = 2  # SPRINT: blocks[sparse_start:sparse_end] form the sparse middle
     sparse_end: int = 14  # 2 dense / 12 sparse / 2 dense, the paper's 2/24/2 split scaled to 16 blocks
     repa_block: int = 8  # REPA tap: hidden states after this many blocks (PRX: 8 of 16)
+    rope_grid: int = 0  # 0: RoPE on integer token positions (PRX). g > 0: positions scaled to span a g x g grid at
+    # every resolution (position interpolation, as FiT / Lumina-Next): a higher-resolution stage keeps the angles the
+    # model learnt instead of meeting unseen ones (the CPU track: too few high-res steps to learn them)
 
     @property
     def head_dim(self):
@@ -60,7 +63,7 @@ PRESETS = {
     "prx-1.2b-pixel": PRXConfig(),
     # CPU track and tests: 8 px patches so that 64 px -> 8x8 tokens and 128 px -> 16x16 tokens.
     "tiny": PRXConfig(hidden=128, depth=6, heads=4, patch=8, bottleneck=64, text_dim=384,
-                      sparse_start=1, sparse_end=5, repa_block=3),
+                      sparse_start=1, sparse_end=5, repa_block=3, rope_grid=8),
 }
 
 # -----------------------------------------------------------------------------
@@ -220,7 +223,10 @@ class PRX(nn.Module):
         B, _, Hpx, Wpx = x.shape
         gh, gw = Hpx // cfg.patch, Wpx // cfg.patch
         x = self.img_in(patchify(x, cfg.patch))
-        ang = rope_angles(grid_positions(gh, gw, x.device), cfg.head_dim, cfg.theta)[None, None]  # [1,1,N,hd/2]
+        pos = grid_positions(gh, gw, x.device)
+        if cfg.rope_grid:
+            pos = pos * torch.tensor([cfg.rope_grid / gh, cfg.rope_grid / gw], device=x.device)
+        ang = rope_angles(pos, cfg.head_dim, cfg.theta)[None, None]  # [1,1,N,hd/2]
         cos, sin = ang.cos(), ang.sin()
         vec = self.time_in(timestep_embedding(t).to(x.dtype))
         txt = self.txt_in(txt)

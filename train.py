@@ -7,6 +7,7 @@ Track: "record" (CUDA: one node of 8 x H100 80 GB, 24 h) or "cpu" (the same four
 2 cores); default record if CUDA is available, else cpu; SPEEDRUN_TRACK=record|cpu picks one. The file is the
 experiment: every hyperparameter is in the two tables below. Optional env (tests, development, preemption):
   SPEEDRUN_OUT          output root (default "."): logs/<run-id>.txt, logs/<run-id>-samples/, checkpoints/<run-id>/
+  SPEEDRUN_CACHE        data preparation kept between runs (default <repo>/cache): the CPU track's teacher and text
   SPEEDRUN_RESUME       "latest" or a run id: continue that run from its last checkpoint (exact next sample and step)
   SPEEDRUN_STEPS_SCALE  multiply every stage's step count (and the warmup) by this factor
   SPEEDRUN_RUN_ID, SPEEDRUN_CKPT_EVERY, SPEEDRUN_TIME_CAP_S   override the run id / checkpoint period / wall-clock cap
@@ -68,7 +69,7 @@ class Track:
     preset: str  # model.PRESETS key
     stages: tuple
     text_encoder: str  # data.TextEncoder name or path; "cpu_track" = data.TextEncoder.cpu_track()
-    teacher: str  # REPA teacher for transformers' from_pretrained; "standin" = tiny seeded DINOv2-reg (offline)
+    teacher: str  # REPA teacher for transformers' from_pretrained; "scenes" = data.scene_teacher (CPU, offline)
     shift_base: int  # resolution where the SD3 time shift is 1: a = res / shift_base (sampler uses the same a)
     lr: float = 1e-4  # AdamW lr; Muon reuses it through Moonshot's match_rms_adamw scaling
     warmup: int = 1000  # linear LR warmup steps, then constant
@@ -90,6 +91,8 @@ class Track:
     workers: int = 8
     sample_steps: int = 50  # sampler steps of the stage-end grids
     text_len: int = 256  # text padded to this many tokens (one compiled shape); 0 = pad to the longest in the batch
+    scene_pool: int = 0  # CPU track: train on this many procedural scenes, their captions encoded once before the
+    # clock starts (data preparation, cached under <out>/cache); 0 = an endless stream encoded live
 
 
 MJ = "mj-llava"  # brivangl/midjourney-v6-llava: llava long captions + the original short prompts
@@ -108,17 +111,19 @@ RECORD = Track(
         Stage("high-res", 1024, 40_000, 512, 32, ("long", 0.0), 0.0, 0.75, 0.1, (1.0, 1.0), MJ),
         Stage("sft", 1024, 10_000, 512, 16, ("mixed", 0.5), 0.0, 0.0, 0.1, (1.0, 0.0), "sft-mix"),  # + alchemist
     ))
-# The same four stages in miniature: tiny model (8 px patches), procedural scenes, 64 then 128 px, <= 10 min on 2 cores.
-# 64 px is this track's base resolution (8x8 tokens); eval.py's CPU protocol samples 128 px at shift 2.
+# The same four stages in miniature: tiny model (8 px patches, RoPE interpolated to an 8x8 grid), procedural scenes,
+# 64 px (8x8 tokens) then 96 px (12x12), <= 10 min on 2 cores. Why each setting: README, "CPU track: what limits
+# learning" (t shift 4x the SD3 rule: flat synthetic scenes keep their layout visible at noise levels where photos
+# lose it; RoPE interpolation: raw positions put a 96 px image on angles a few high-res steps cannot learn).
 CPU = Track(
-    name="cpu", preset="tiny", text_encoder="cpu_track", teacher="standin", shift_base=64,
-    lr=2e-3, warmup=50, clip=1.0, ema=0.98, ema_every=1, projector=256, ckpt_every=100, time_cap_s=600.0,
-    peak_flops=float("nan"), workers=0, sample_steps=20, ns_dtype="float32", text_len=0,
+    name="cpu", preset="tiny", text_encoder="cpu_track", teacher="scenes", shift_base=16,
+    lr=3e-3, warmup=50, clip=1.0, ema=0.98, ema_every=1, projector=256, ckpt_every=100, time_cap_s=600.0,
+    peak_flops=float("nan"), workers=0, sample_steps=8, ns_dtype="float32", text_len=0, scene_pool=8192,
     stages=(  # name      res steps batch micro captions         repa  drop  pdrop lr        source
-        Stage("burn-in", 64, 300, 16, 16, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
-        Stage("main", 64, 400, 16, 16, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), "scenes"),
-        Stage("high-res", 128, 150, 16, 16, ("long", 0.0), 0.0, 0.75, 0.1, (1.0, 1.0), "scenes"),
-        Stage("sft", 128, 100, 16, 16, ("mixed", 0.5), 0.0, 0.0, 0.1, (1.0, 0.0), "scenes"),
+        Stage("burn-in", 64, 200, 32, 32, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
+        Stage("main", 64, 1050, 32, 32, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), "scenes"),
+        Stage("high-res", 96, 150, 32, 32, ("long", 0.0), 0.0, 0.75, 0.1, (1.0, 1.0), "scenes"),
+        Stage("sft", 96, 100, 32, 32, ("mixed", 0.5), 0.0, 0.0, 0.1, (1.0, 0.0), "scenes"),
     ))
 TRACKS = {"record": RECORD, "cpu": CPU}
 
@@ -264,7 +269,6 @@ def flow_matching_loss(model, x0, eps, t, txt, mask, keep_idx=None, path_drop=No
     return (v_hat - v).square().mean((1, 2, 3)), h, kept  # per-sample loss
 
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @torch.no_grad()
@@ -272,7 +276,7 @@ def teacher_tokens(teacher, x0, grid):
     """Frozen DINO patch tokens of the clean image, resized so that the teacher's patch grid equals the token grid."""
     size = grid * teacher.config.patch_size
     x = F.interpolate((x0 + 1) / 2, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
     hidden = teacher(pixel_values=(x - mean) / std).last_hidden_state
     return hidden[:, 1 + getattr(teacher.config, "num_register_tokens", 0):]  # drop CLS and registers
 
@@ -290,27 +294,6 @@ def make_projector(hidden, width, d_teacher, seed):
         torch.manual_seed(seed)
         return nn.Sequential(nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
                              nn.Linear(width, d_teacher))
-
-
-def standin_teacher(cache: Path) -> str:
-    """CPU track (offline): a tiny Dinov2WithRegistersModel built from its config with a fixed seed and saved, then
-    loaded through the same from_pretrained path as the real teacher. A stand-in: random features, not DINO's."""
-    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
-    path = cache / "standin-dinov2-with-registers-tiny"
-    if not (path / "config.json").exists():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            cfg = Dinov2WithRegistersConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                            intermediate_size=128, patch_size=14, image_size=112,
-                                            num_register_tokens=4)
-            tmp = cache / f".tmp-{uuid.uuid4().hex}"
-            Dinov2WithRegistersModel(cfg).save_pretrained(tmp)
-            try:
-                os.rename(tmp, path)  # atomic: concurrent ranks/runs never see half a teacher
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
 
 
 # ======================================================================================================================
@@ -335,7 +318,8 @@ def peak_matmul_flops(device, dtype=torch.bfloat16, n=8192, reps=20):
 def setup(env=os.environ, track=None):
     run = SimpleNamespace(tr=track or select_track(env), out=Path(env.get("SPEEDRUN_OUT", ".")).resolve(), step=0,
                           k=None, teacher=None, projector=None, loader=None, elapsed0=0.0, flags={}, t0=time.time(),
-                          writer=None, host_pool={}, peak_measured=float("nan"))
+                          writer=None, host_pool={}, peak_measured=float("nan"),
+                          cache=Path(env.get("SPEEDRUN_CACHE", HERE / "cache")).resolve())  # data preparation
     if "RANK" in env:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         run.rank, run.world, local = dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", 0))
@@ -365,7 +349,32 @@ def setup(env=os.environ, track=None):
                                   eps=tr.adam_eps, weight_decay=tr.weight_decay, fused=cuda or None)
     run.muon = Muon(run.model.muon_params(), lr=tr.lr, weight_decay=tr.weight_decay, momentum=tr.momentum,
                     rank=run.rank, world=run.world, ns_dtype=getattr(torch, tr.ns_dtype))
+    if tr.scene_pool:
+        prepare_scene_cache(run)
+    run.teacher_path = tr.teacher
+    if tr.teacher == "scenes" and any(s.repa for s in tr.stages):  # data preparation: trained once, cached
+        grid = next(s.res for s in tr.stages if s.repa) // run.cfg.patch  # the burn-in's token grid
+        path = run.cache / f"scene-teacher-dinov2-with-registers-tiny-grid{grid}"
+        if run.rank == 0:
+            data.scene_teacher(path, grid=grid)
+        if run.world > 1:
+            dist.barrier()
+        run.teacher_path = str(path)
     return run
+
+
+def scene_cache_dir(run) -> Path:
+    name = hashlib.sha256(run.enc.name.encode()).hexdigest()[:8]
+    return run.cache / f"scenes-{run.tr.seed}-{run.tr.scene_pool}-text-{name}"
+
+
+def prepare_scene_cache(run):
+    """Data preparation outside the clock: encode the captions of the CPU track's scene pool once (rank 0; a second
+    run finds the cache and skips the work)."""
+    if run.rank == 0:
+        data.build_cache(data.SceneDataset(run.tr.seed, run.tr.scene_pool), run.enc, scene_cache_dir(run))
+    if run.world > 1:
+        dist.barrier()
 
 
 def enter_stage(run, k, loader_state=None):
@@ -374,18 +383,12 @@ def enter_stage(run, k, loader_state=None):
     run.k, run.stage = k, st
     if st.repa and run.teacher is None:  # REPA burn-in: frozen teacher + trainable projector (AdamW)
         from transformers import AutoModel
-        path = tr.teacher
-        if path == "standin":  # rank 0 writes it, the others wait: no rank reads a half-written folder
-            path = standin_teacher(run.out / "cache") if run.rank == 0 else None
-            if run.world > 1:
-                box = [path]
-                dist.broadcast_object_list(box, src=0)
-                path = box[0]
+        path = run.teacher_path
         run.teacher = AutoModel.from_pretrained(path).to(run.device).eval().requires_grad_(False)
         run.projector = make_projector(run.cfg.hidden, tr.projector, run.teacher.config.hidden_size, tr.seed + 1)
         run.projector.to(run.device)
         run.adamw.add_param_group({"params": list(run.projector.parameters()), "name": "repa"})
-        note = " (STAND-IN teacher: tiny random DINOv2-reg, not DINO features)" if tr.teacher == "standin" else ""
+        note = " (trained once on the procedural scenes: data.scene_teacher)" if tr.teacher == "scenes" else ""
         log(run, f"repa: teacher {path}{note} d_teacher:{run.teacher.config.hidden_size} weight:{st.repa} "
                  f"block:{run.cfg.repa_block}")
     if not st.repa and run.teacher is not None:  # HASTE: REPA helps early, then constrains; its cost leaves with it
@@ -407,7 +410,10 @@ def enter_stage(run, k, loader_state=None):
     run.micro = per // run.accum
     cache = data.DATA_ROOT / st.source / "cache"  # caption embeddings precomputed by `python data.py --cache`
     cache = cache if st.source != "scenes" and (cache / "meta.json").exists() else None
-    run.loader = data.make_loader(st.source, st.res, run.micro, run.rank, run.world, tr.seed * 1000 + k, st.captions,
+    source = st.source
+    if st.source == "scenes" and tr.scene_pool:  # the pool and its caption cache, built in setup
+        source, cache = data.SceneDataset(tr.seed, tr.scene_pool), scene_cache_dir(run)
+    run.loader = data.make_loader(source, st.res, run.micro, run.rank, run.world, tr.seed * 1000 + k, st.captions,
                                   tr.workers, cache_dir=cache)
     if loader_state is not None:
         run.loader.load_state_dict(loader_state)

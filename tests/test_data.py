@@ -320,3 +320,45 @@ def test_sft_mixture_fraction_rows_and_resume(tmp_path):
     loader2 = data.make_loader(mix, 32, 5, 0, 1, seed=0)
     loader2.load_state_dict({"position": 25, "seed": 0, "skipped": 0, "bad_files": 0})
     assert [c for b in _take(loader2, 5) for c in b["caption"]] == caps[25:]
+
+
+def test_scene_labels_mark_each_tokens_colour_and_shape():
+    scene = data.Scene("black", (("red", "square", "large", 4), ("blue", "circle", "small", 0)))
+    lab = data.scene_labels(scene, 6).view(6, 6, 2)  # 6x6 tokens: 2x2 tokens per grid cell
+    red, blue, bg = list(data.COLOURS).index("red"), list(data.COLOURS).index("blue"), len(data.COLOURS)
+    assert lab[2:4, 2:4, 0].eq(red).all() and lab[2:4, 2:4, 1].eq(1 + data.SHAPES.index("square")).all()
+    assert lab[0:2, 0:2, 0].eq(blue).any() and lab[0:2, 0:2, 1].eq(1 + data.SHAPES.index("circle")).any()
+    assert lab[4:, 4:, 0].eq(bg).all() and lab[4:, 4:, 1].eq(0).all()
+
+
+def test_scene_teacher_is_trained_offline_deterministically_and_loads(tmp_path):
+    """Two builds give the same weights (seeded); the folder loads through from_pretrained like the real teacher;
+    a second call finds the cache and does nothing; the saved note holds its accuracy on object tokens."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+    a = data.scene_teacher(tmp_path / "a", steps=3, batch=4, grid=4)
+    b = data.scene_teacher(tmp_path / "b", steps=3, batch=4, grid=4)
+    wa, wb = (load_file(str(Path(p) / "model.safetensors")) for p in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    before = (Path(a) / "model.safetensors").stat().st_mtime_ns
+    assert data.scene_teacher(a, steps=3, batch=4, grid=4) == a and (Path(a) / "model.safetensors").stat().st_mtime_ns == before
+    net = AutoModel.from_pretrained(a)
+    assert net.config.patch_size == 14 and net.config.num_register_tokens == 4
+    note = json.loads((Path(a) / "teacher.json").read_text())
+    assert set(note["object_token_accuracy"]) == {"colour", "shape"}
+    untrained = data.scene_teacher(tmp_path / "c", steps=0, batch=4, grid=4)
+    assert any(not torch.equal(wa[k], v) for k, v in load_file(str(Path(untrained) / "model.safetensors")).items())
+
+
+def test_scene_pool_is_finite_and_encodes_once(tmp_path):
+    """A pool of scenes is a finite source: epochs in a seeded order over its rows, its captions cached by build_cache
+    and served by the loader as embeddings equal to the live encoder's (bf16)."""
+    pool = data.SceneDataset(0, pool=12)
+    assert pool.num_rows == 12 and sorted(pool.order(5, 0)) == list(range(12))
+    enc = data.TextEncoder.cpu_track()
+    cache = data.build_cache(pool, enc, tmp_path / "cache")
+    batch = next(iter(data.make_loader(pool, 32, 4, 0, 1, 5, ("long", 0.0), 0, cache_dir=cache)))
+    live, mask = enc.encode([pool.scene(int(r)).long_caption for r in batch["row"]])
+    n = batch["txt"].shape[1]
+    assert torch.equal(batch["txt_mask"], mask[:, :n])
+    torch.testing.assert_close(batch["txt"].float(), live[:, :n], atol=0.02, rtol=0.02)

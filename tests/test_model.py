@@ -312,3 +312,21 @@ def test_masked_attention_backend_choice_is_exact(monkeypatch):
     out = m(x, t, txt, mask)
     monkeypatch.setattr(model, "MASKED_SDPA_ORDER", [SDPBackend.MATH])
     torch.testing.assert_close(m(x, t, txt, mask), out, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_grid_interpolates_positions_across_resolutions(monkeypatch):
+    """rope_grid = g: at a g x g token grid the model is exactly PRX's (integer positions); at 2g x 2g the angles
+    are those of positions 0, 0.5, 1, ... so they span what the g x g grid taught."""
+    import dataclasses
+    ref = randomize(PRX(CFG)).eval()
+    interp = PRX(dataclasses.replace(CFG, rope_grid=4)).eval()
+    interp.load_state_dict(ref.state_dict())
+    x, t, txt, mask = inputs(res=32)  # 4x4 tokens of 8 px
+    assert torch.equal(interp(x, t, txt, mask), ref(x, t, txt, mask))
+    seen = []
+    monkeypatch.setattr(model, "rope_angles", lambda pos, *a: seen.append(pos) or model_rope(pos, *a))
+    interp(torch.randn(1, 3, 64, 64), t[:1], txt[:1], mask[:1])  # 8x8 tokens
+    assert seen[-1].max().item() == 3.5 and seen[-1][1].tolist() == [0.0, 0.5]
+
+
+model_rope = model.rope_angles

@@ -238,7 +238,7 @@ def test_cpu_track_end_to_end(reference):
     for name in ("train.py", "model.py", "data.py"):
         assert src[name][0] == evaluation.sha256(ROOT / name) and src[name][1] is not None, name
     for key in ("git:", "dirty:", "data_manifest:scenes:", "python:", "torch:", "world:1", "track:cpu",
-                "STAND-IN teacher", "teacher freed", "captions:mixed:0.5", "sprint_drop:0.75", "done: track:cpu",
+                "trained once on the procedural scenes", "teacher freed", "captions:mixed:0.5", "sprint_drop:0.75", "done: track:cpu",
                 "stall_s:", "checkpoint_written:", "peak: spec"):
         assert key in log, key
     rows = evaluation.parse_log(out / "logs" / "ref.txt")
