@@ -120,10 +120,10 @@ CPU = Track(
     lr=3e-3, warmup=50, clip=1.0, ema=0.98, ema_every=1, projector=256, ckpt_every=100, time_cap_s=600.0,
     peak_flops=float("nan"), workers=0, sample_steps=8, ns_dtype="float32", text_len=0, scene_pool=8192,
     stages=(  # name      res steps batch micro captions         repa  drop  pdrop lr        source
-        Stage("burn-in", 64, 200, 32, 32, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
-        Stage("main", 64, 1050, 32, 32, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), "scenes"),
-        Stage("high-res", 96, 150, 32, 32, ("long", 0.0), 0.0, 0.75, 0.1, (1.0, 1.0), "scenes"),
-        Stage("sft", 96, 100, 32, 32, ("mixed", 0.5), 0.0, 0.0, 0.1, (1.0, 0.0), "scenes"),
+        Stage("burn-in", 64, 150, 32, 32, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
+        Stage("main", 64, 750, 32, 32, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), "scenes"),
+        Stage("high-res", 96, 100, 32, 32, ("long", 0.0), 0.0, 0.75, 0.1, (1.0, 1.0), "scenes"),
+        Stage("sft", 96, 70, 32, 32, ("mixed", 0.5), 0.0, 0.0, 0.1, (1.0, 0.0), "scenes"),
     ))
 TRACKS = {"record": RECORD, "cpu": CPU}
 
