@@ -499,7 +499,8 @@ def parse_val_loss(logs) -> dict:
     for line in "".join(Path(p).read_text(errors="replace") for p in logs).splitlines():
         if line.startswith("val_loss:"):
             kv = dict(tok.split(":", 1) for tok in line.split()[1:])
-            out[f"stage{kv.pop('stage')}"] = {k: float(v) for k, v in kv.items()}
+            stage = kv.pop("stage")
+            out[f"stage{stage}"] = {k: float(v) for k, v in kv.items()}
     return out
 
 

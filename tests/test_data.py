@@ -323,7 +323,7 @@ def test_sft_mixture_fraction_rows_and_resume(tmp_path):
 
 
 def test_scene_labels_mark_each_tokens_colour_and_shape():
-    scene = data.Scene("black", (("red", "square", "large", 4), ("blue", "circle", "small", 0)))
+    scene = data.Scene("black", (("red", "square", "large", 4), ("blue", "circle", "large", 0)))
     lab = data.scene_labels(scene, 6).view(6, 6, 2)  # 6x6 tokens: 2x2 tokens per grid cell
     red, blue, bg = list(data.COLOURS).index("red"), list(data.COLOURS).index("blue"), len(data.COLOURS)
     assert lab[2:4, 2:4, 0].eq(red).all() and lab[2:4, 2:4, 1].eq(1 + data.SHAPES.index("square")).all()

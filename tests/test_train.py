@@ -19,7 +19,7 @@ import train
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = ROOT / "tests" / "train_dist_helper.py"
-SCALE = "0.04"  # the CPU track at 4 % of its steps: 12 / 16 / 6 / 4 steps
+SCALE = "0.04"  # the CPU track at 4 % of its steps: 6 / 30 / 4 / 3 steps
 # 32 px (4x4 tokens of 8 px), global batch 4 in micro-batches of 2: accumulation, REPA, SPRINT, mixed captions
 TINY = dataclasses.replace(train.CPU, warmup=2, ckpt_every=1000, stages=(
     train.Stage("burn-in", 32, 2, 4, 2, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
@@ -97,7 +97,9 @@ def test_two_processes_match_one(tmp_path):
     moved = max((outs["one"][k] - init[k]).abs().max().item() for k in init)
     diff = max((outs["one"][k] - outs["two"][k]).abs().max().item() for k in init)
     assert moved > 1e-3  # the steps did train
-    assert diff < 1e-3 * moved, (diff, moved)  # measured ~1e-6 vs ~2e-3
+    # float summation order only: measured 2.3e-5 vs 7.5e-3 (with the trained scene teacher, whose batched forward
+    # differs at float level, and Muon's lr 3e-3); a wrong reduction (a missing / world, a lost micro-batch) is O(1)
+    assert diff < 1e-2 * moved, (diff, moved)
     # distributed Muon on 5 + 1 matrices (a rank with no matrix sends zeros): bit-identical to torch.optim.Muon
     params, grads = train_dist_helper.muon_matrices()
     opt = torch.optim.Muon(params, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
@@ -266,10 +268,10 @@ def test_kill_and_resume_match_uninterrupted(reference):
     checkpoints, resume: the same final weights and EMA as the
     uninterrupted run, bit for bit (exact data position, per-sample noise, optimizer state)."""
     out, env = reference, {"SPEEDRUN_STEPS_SCALE": SCALE, "SPEEDRUN_CKPT_EVERY": "5"}
-    r = run_train(out, SPEEDRUN_RUN_ID="kill", SPEEDRUN_KILL_AT="7:TERM", **env)
+    r = run_train(out, SPEEDRUN_RUN_ID="kill", SPEEDRUN_KILL_AT="3:TERM", **env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert train.latest_checkpoint(out / "checkpoints" / "kill").name == "step-00000008"
-    burn_in = round(train.CPU.stages[0].steps * float(SCALE))  # 12: the checkpoint at the end of the REPA burn-in
+    assert train.latest_checkpoint(out / "checkpoints" / "kill").name == "step-00000004"
+    burn_in = round(train.CPU.stages[0].steps * float(SCALE))  # 6: the checkpoint at the end of the REPA burn-in
     r = run_train(out, SPEEDRUN_RESUME="kill", SPEEDRUN_KILL_AT=f"{burn_in + 1}:KILL", **env)
     assert r.returncode == -signal.SIGKILL
     assert train.latest_checkpoint(out / "checkpoints" / "kill").name == f"step-{burn_in:08d}"
@@ -279,7 +281,7 @@ def test_kill_and_resume_match_uninterrupted(reference):
     r = run_train(out, SPEEDRUN_RESUME="kill", **env)
     assert r.returncode == 0, r.stderr[-3000:]
     log = (out / "logs" / "kill.txt").read_text()
-    assert "STOP: SIGTERM; saved at step 8" in log and "at step:8" in log and "at step:20" in log
+    assert "STOP: SIGTERM; saved at step 4" in log and "at step:4" in log and "at step:20" in log
     _, w_ref, e_ref = final_weights(out, "ref")
     ckpt, w, e = final_weights(out, "kill")
     assert ckpt.name == train.latest_checkpoint(out / "checkpoints" / "ref").name
@@ -382,6 +384,7 @@ def test_binned_validation_loss_is_deterministic_and_binned(tmp_path):
     lines = [x for x in (tmp_path / "log.txt").read_text().splitlines() if x.startswith("val_loss:")]
     assert len(lines) == 2 and lines[0] == lines[1]
     vals = evaluation.parse_val_loss([tmp_path / "log.txt"])["stage2"]
+    assert set(vals) == {"res", "mean"} | {f"t{t}" for t in train.VAL_T}
     bins = [vals[f"t{t}"] for t in train.VAL_T]
     assert len(set(bins)) == len(bins) and all(v > 0 for v in bins) and vals["res"] == 32
     assert vals["mean"] == pytest.approx(sum(bins) / len(bins), abs=1e-4)
