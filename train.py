@@ -120,10 +120,10 @@ CPU = Track(
     lr=3e-3, warmup=50, clip=1.0, ema=0.98, ema_every=1, projector=256, ckpt_every=100, time_cap_s=600.0,
     peak_flops=float("nan"), workers=0, sample_steps=8, ns_dtype="float32", text_len=0, scene_pool=8192,
     stages=(  # name      res steps batch micro captions         repa  drop  pdrop lr        source
-        Stage("burn-in", 64, 150, 32, 32, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
-        Stage("main", 64, 750, 32, 32, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), "scenes"),
-        Stage("high-res", 96, 100, 32, 32, ("long", 0.0), 0.0, 0.75, 0.1, (1.0, 1.0), "scenes"),
-        Stage("sft", 96, 70, 32, 32, ("mixed", 0.5), 0.0, 0.0, 0.1, (1.0, 0.0), "scenes"),
+        Stage("burn-in", 64, 200, 32, 32, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
+        Stage("main", 64, 900, 32, 32, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), "scenes"),
+        Stage("high-res", 96, 120, 32, 32, ("long", 0.0), 0.0, 0.75, 0.1, (1.0, 1.0), "scenes"),
+        Stage("sft", 96, 80, 32, 32, ("mixed", 0.5), 0.0, 0.0, 0.1, (1.0, 0.0), "scenes"),
     ))
 TRACKS = {"record": RECORD, "cpu": CPU}
 
@@ -472,9 +472,18 @@ def sync_grads(run, params):
     for p in live:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    if run.world > 1:
-        for h in [dist.all_reduce(p.grad, async_op=True) for p in live]:
-            h.wait()
+    if run.world > 1:  # one flat all-reduce per bucket of <= 64M values, not one per tensor (~100 small ones)
+        bucket, size = [], 0
+        for p in live + [None]:
+            if bucket and (p is None or size + p.numel() > 2**26):
+                flat = torch.cat([q.grad.flatten() for q in bucket])
+                dist.all_reduce(flat)
+                for q, g in zip(bucket, flat.split([q.numel() for q in bucket])):
+                    q.grad.copy_(g.view_as(q.grad))
+                bucket, size = [], 0
+            if p is not None:
+                bucket.append(p)
+                size += p.numel()
     return live
 
 
