@@ -529,9 +529,12 @@ def make_record(track, ckpt, logs, name, description="", n=None, hardware=None, 
     if wall_clock is None:  # train.py's final `done: ... wall_s:<s>` line; else the sum of step times
         m = re.findall(r"\bwall(?:_clock)?_s:([\d.]+)", "".join(Path(p).read_text(errors="replace") for p in logs))
         wall_clock = float(m[-1]) if m else sum(r["ms"] for r in rows if isinstance(r.get("ms"), float)) / 1e3
+    text = "".join(Path(p).read_text(errors="replace") for p in logs)
+    variants = re.findall(r"^track:\S+ variant:(\S+)", text, re.MULTILINE)  # train.VARIANTS (ablations)
     metrics.update(name=name, date=datetime.date.today().isoformat(), description=description,
                    hardware=hardware or environment()["eval_hardware"], wall_clock_s=round(wall_clock, 1),
-                   steps=rows[-1].get("step"), images_seen=rows[-1].get("seen"), protocol=proto,
+                   variant=variants[-1] if variants else "baseline", steps=rows[-1].get("step"),
+                   images_seen=rows[-1].get("seen"), protocol=proto,
                    val_loss=parse_val_loss(logs),
                    code_hashes={f: sha256(d / f) for f in CODE_FILES}, software=environment(), ckpt=str(ckpt))
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")

@@ -10,6 +10,7 @@ experiment: every hyperparameter is in the two tables below. Optional env (tests
   SPEEDRUN_CACHE        data preparation kept between runs (default <repo>/cache): the CPU track's teacher and text
   SPEEDRUN_RESUME       "latest" or a run id: continue that run from its last checkpoint (exact next sample and step)
   SPEEDRUN_STEPS_SCALE  multiply every stage's step count (and the warmup) by this factor
+  SPEEDRUN_VARIANT      an ablation of the cpu track (VARIANTS: one lever changed); SPEEDRUN_SEED its seed
   SPEEDRUN_RUN_ID, SPEEDRUN_CKPT_EVERY, SPEEDRUN_TIME_CAP_S   override the run id / checkpoint period / wall-clock cap
   SPEEDRUN_KILL_AT      "<step>:TERM" or "<step>:KILL": the process signals itself after that step (fault injection)
 """
@@ -66,6 +67,7 @@ class Stage:
 @dataclass(frozen=True)
 class Track:
     name: str
+    variant: str = "baseline"  # VARIANTS key (ablations); set by SPEEDRUN_VARIANT
     preset: str  # model.PRESETS key
     stages: tuple
     text_encoder: str  # data.TextEncoder name or path; "cpu_track" = data.TextEncoder.cpu_track()
@@ -78,6 +80,8 @@ class Track:
     # adaLN is still ~0) into full +-lr sign steps, so 1 and 8 processes (other summation order) would part ways
     weight_decay: float = 0.0
     momentum: float = 0.95  # Muon
+    muon: bool = True  # Muon for the hidden matrices (False: AdamW for every parameter)
+    bf16_weights: bool = False  # True: weights rounded to bf16 after every step (PRX's bug; FP32 master weights off)
     ns_dtype: str = "bfloat16"  # Muon's Newton-Schulz precision (bf16 as torch.optim.Muon; CPUs lack fast bf16 matmul)
     clip: float = 0.2  # gradient-norm clip (PRX)
     ema: float = 0.999  # EMA decay, applied every ema_every steps
@@ -120,23 +124,63 @@ CPU = Track(
     lr=3e-3, warmup=50, clip=1.0, ema=0.98, ema_every=1, projector=256, ckpt_every=100, time_cap_s=600.0,
     peak_flops=float("nan"), workers=0, sample_steps=8, ns_dtype="float32", text_len=0, scene_pool=8192,
     stages=(  # name      res steps batch micro captions         repa  drop  pdrop lr        source
-        Stage("burn-in", 64, 200, 32, 32, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
-        Stage("main", 64, 900, 32, 32, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), "scenes"),
-        Stage("high-res", 96, 120, 32, 32, ("long", 0.0), 0.0, 0.75, 0.1, (1.0, 1.0), "scenes"),
-        Stage("sft", 96, 80, 32, 32, ("mixed", 0.5), 0.0, 0.0, 0.1, (1.0, 0.0), "scenes"),
+        Stage("burn-in", 64, 240, 32, 32, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
+        Stage("main", 64, 1050, 32, 32, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), "scenes"),
+        Stage("high-res", 96, 140, 32, 32, ("long", 0.0), 0.0, 0.75, 0.1, (1.0, 1.0), "scenes"),
+        Stage("sft", 96, 90, 32, 32, ("mixed", 0.5), 0.0, 0.0, 0.1, (1.0, 0.0), "scenes"),
     ))
 TRACKS = {"record": RECORD, "cpu": CPU}
+# Ablations in miniature (PRX's table on the CPU track): each variant changes exactly one lever of the CPU track.
+# SPEEDRUN_VARIANT=<name> picks one; `python ablate.py` trains and scores them all. Rows: Track fields, then Stage
+# fields per stage index. dense-hires keeps the stage's wall clock: a dense 96 px step costs 615 ms, a SPRINT one 392
+# (medians, the README command on 2 cores, commit cd8d306), so it trains 392/615 of the steps.
+VARIANTS = {
+    "baseline": ({}, {}),
+    "no-repa": ({}, {0: {"repa": 0.0}}),  # the burn-in trains without REPA
+    "repa-always": ({}, {k: {"repa": 0.5} for k in (1, 2, 3)}),  # REPA kept on to the end
+    "adamw-only": ({"muon": False}, {}),  # AdamW for every parameter
+    "short-captions": ({}, {k: {"captions": ("mixed", 1.0)} for k in range(4)}),  # short captions throughout
+    "long-only": ({}, {3: {"captions": ("long", 0.0)}}),  # no mixed long/short fine-tune
+    "dense-hires": ({}, {2: {"drop": 0.0, "path_drop": 0.0, "steps": round(CPU.stages[2].steps * 392 / 615)}}),
+    "bf16-weights": ({"bf16_weights": True}, {}),  # weights stored in bf16
+}
+
+
+def apply_variant(tr: Track, name: str) -> Track:
+    fields, per_stage = VARIANTS[name]
+    stages = tuple(dataclasses.replace(s, **per_stage.get(k, {})) for k, s in enumerate(tr.stages))
+    return dataclasses.replace(tr, stages=stages, variant=name, **fields)
+
+
+def env_value(env, key, kind, default, choices=None):
+    """One environment setting, or a one-line error naming the bad value and what is valid (no traceback)."""
+    raw = env.get(key) or default
+    if choices is not None and raw not in choices:
+        raise SystemExit(f"train.py: {key}={raw!r} is not one of: {', '.join(choices)}")
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SystemExit(f"train.py: {key}={raw!r} is not a valid {kind.__name__}") from None
+    if kind is not str and not value > 0 and key != "SPEEDRUN_SEED":
+        raise SystemExit(f"train.py: {key}={raw!r} must be > 0")
+    return value
 
 
 def select_track(env=os.environ) -> Track:
-    name = env.get("SPEEDRUN_TRACK") or ("record" if torch.cuda.is_available() else "cpu")
+    name = env_value(env, "SPEEDRUN_TRACK", str, "record" if torch.cuda.is_available() else "cpu", TRACKS)
     tr = TRACKS[name]
-    scale = float(env.get("SPEEDRUN_STEPS_SCALE", "1"))
+    variant = env_value(env, "SPEEDRUN_VARIANT", str, "baseline", VARIANTS)
+    if variant != "baseline":
+        if name != "cpu":
+            raise SystemExit(f"train.py: SPEEDRUN_VARIANT={variant!r} is for the cpu track (ablations in miniature)")
+        tr = apply_variant(tr, variant)
+    scale = env_value(env, "SPEEDRUN_STEPS_SCALE", float, "1")
     if scale != 1:
         tr = dataclasses.replace(tr, warmup=max(1, round(tr.warmup * scale)), stages=tuple(
             dataclasses.replace(s, steps=max(1, round(s.steps * scale))) for s in tr.stages))
-    ov = {k: t(env[v]) for k, v, t in (("ckpt_every", "SPEEDRUN_CKPT_EVERY", int),
-                                       ("time_cap_s", "SPEEDRUN_TIME_CAP_S", float)) if v in env}
+    ov = {k: env_value(env, v, t, None) for k, v, t in (("ckpt_every", "SPEEDRUN_CKPT_EVERY", int),
+                                                        ("time_cap_s", "SPEEDRUN_TIME_CAP_S", float),
+                                                        ("seed", "SPEEDRUN_SEED", int)) if env.get(v)}
     return dataclasses.replace(tr, **ov)
 
 
@@ -345,10 +389,11 @@ def setup(env=os.environ, track=None):
         for blk in run.model.blocks:
             blk.compile()
     tr = run.tr
-    run.adamw = torch.optim.AdamW([{"params": run.model.adamw_params(), "name": "model"}], lr=tr.lr, betas=tr.betas,
+    adamw_params = run.model.adamw_params() + ([] if tr.muon else run.model.muon_params())
+    run.adamw = torch.optim.AdamW([{"params": adamw_params, "name": "model"}], lr=tr.lr, betas=tr.betas,
                                   eps=tr.adam_eps, weight_decay=tr.weight_decay, fused=cuda or None)
     run.muon = Muon(run.model.muon_params(), lr=tr.lr, weight_decay=tr.weight_decay, momentum=tr.momentum,
-                    rank=run.rank, world=run.world, ns_dtype=getattr(torch, tr.ns_dtype))
+                    rank=run.rank, world=run.world, ns_dtype=getattr(torch, tr.ns_dtype)) if tr.muon else None
     if tr.scene_pool:
         prepare_scene_cache(run)
     run.teacher_path = tr.teacher
@@ -522,11 +567,15 @@ def train_step(run):
         torch._foreach_mul_([p.grad for p in live], G / n)
     gnorm = torch.nn.utils.clip_grad_norm_(live, run.tr.clip).item()
     lr = lr_at(run.tr, step)
-    for opt in (run.adamw, run.muon):
+    for opt in filter(None, (run.adamw, run.muon)):
         for g in opt.param_groups:
             g["lr"] = lr
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if run.tr.bf16_weights:  # the ablation of FP32 master weights: updates below bf16's resolution are lost
+        with torch.no_grad():
+            for p in params:
+                p.copy_(p.to(torch.bfloat16))
     run.step += 1
     if run.step % run.tr.ema_every == 0:  # EMA of the FP32 weights (the only buffer, the SPRINT mask token, is fixed)
         torch._foreach_lerp_(list(run.ema.parameters()), list(run.model.parameters()), 1 - run.tr.ema)
@@ -622,7 +671,7 @@ def save_checkpoint(run, why):
                         "config": {"model": dataclasses.asdict(run.cfg), "track": run.tr.name,
                                    "text_encoder": run.tr.text_encoder, "step": run.step},
                         "state": {"step": run.step, "stage": run.k, "run_id": run.id, "track": run.tr.name,
-                                  "world": run.world, "adamw": run.adamw.state_dict(), "muon": run.muon.state_dict(),
+                                  "world": run.world, "adamw": run.adamw.state_dict(), "muon": run.muon.state_dict() if run.muon else None,
                                   "loader": run.loader.state_dict(),
                                   "projector": run.projector.state_dict() if run.projector else None,
                                   "elapsed": time.time() - run.t0 + run.elapsed0, "rng": torch.get_rng_state()}},
@@ -666,7 +715,8 @@ def load_checkpoint(run, path: Path):
     if s["projector"] is not None and run.projector is not None:
         run.projector.load_state_dict(s["projector"])
     run.adamw.load_state_dict(matching_groups(s["adamw"], {g.get("name") for g in run.adamw.param_groups}))
-    run.muon.load_state_dict(s["muon"])
+    if run.muon:
+        run.muon.load_state_dict(s["muon"])
     log(run, f"resumed from {path} at step:{run.step} elapsed_s:{run.elapsed0:.1f}", console=True)
 
 
@@ -716,8 +766,9 @@ def write_header(run):
              f"threads:{torch.get_num_threads()} "
              f"host_cpus:{os.cpu_count()}")
     n = sum(p.numel() for p in run.model.parameters())
-    log(run, f"track:{run.tr.name} run:{run.id} model:{run.tr.preset} params:{n} text_encoder:{run.tr.text_encoder} "
-             f"(dim {run.enc.dim}) teacher:{run.tr.teacher} time_cap_s:{run.tr.time_cap_s:.0f}", console=True)
+    log(run, f"track:{run.tr.name} variant:{run.tr.variant} run:{run.id} model:{run.tr.preset} params:{n} "
+             f"text_encoder:{run.tr.text_encoder} (dim {run.enc.dim}) teacher:{run.tr.teacher} "
+             f"time_cap_s:{run.tr.time_cap_s:.0f}", console=True)
     measured = (f"measured {run.peak_measured / 1e12:.0f} TFLOP/s (bf16 8192^3 matmul on this card; mfu_measured)"
                 if math.isfinite(run.peak_measured) else "not measured (no CUDA)")
     log(run, f"peak: spec {run.tr.peak_flops / 1e12:.0f} TFLOP/s (H100 SXM dense bf16; the step line's mfu), {measured}")

@@ -1,0 +1,104 @@
+"""Ablations in miniature: each variant changes exactly the lever it names, the ablation levers train as they say
+(AdamW for every parameter, bf16-stored weights), a bad variant name is one line, and ablate.py's table resumes."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import TINY, env_for
+
+import ablate
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# What each variant must change, written out independently of train.VARIANTS: ("track", field) or (stage, field).
+EXPECTED = {
+    "baseline": set(),
+    "no-repa": {(0, "repa")},
+    "repa-always": {(1, "repa"), (2, "repa"), (3, "repa")},
+    "adamw-only": {("track", "muon")},
+    "short-captions": {(0, "captions"), (1, "captions"), (2, "captions"), (3, "captions")},
+    "long-only": {(3, "captions")},
+    "dense-hires": {(2, "drop"), (2, "path_drop"), (2, "steps")},
+    "bf16-weights": {("track", "bf16_weights")},
+}
+
+
+def changed(a: train.Track, b: train.Track) -> set:
+    out = {("track", f.name) for f in dataclasses.fields(train.Track)
+           if f.name not in ("stages", "variant") and getattr(a, f.name) != getattr(b, f.name)}
+    for k, (sa, sb) in enumerate(zip(a.stages, b.stages, strict=True)):
+        out |= {(k, f.name) for f in dataclasses.fields(train.Stage) if getattr(sa, f.name) != getattr(sb, f.name)}
+    return out
+
+
+def test_each_variant_changes_exactly_its_lever():
+    assert set(train.VARIANTS) == set(EXPECTED)
+    for name, fields in EXPECTED.items():
+        tr = train.select_track({"SPEEDRUN_TRACK": "cpu", "SPEEDRUN_VARIANT": name})
+        assert tr.variant == name
+        assert changed(train.CPU, tr) == fields, name
+    dense = train.apply_variant(train.CPU, "dense-hires").stages[2]
+    assert dense.drop == dense.path_drop == 0 and dense.steps < train.CPU.stages[2].steps  # same clock: fewer steps
+    assert train.select_track({"SPEEDRUN_TRACK": "cpu", "SPEEDRUN_SEED": "3"}).seed == 3
+
+
+def test_unknown_variant_is_one_line_listing_the_valid_ones():
+    r = subprocess.run([sys.executable, str(ROOT / "train.py")], env=env_for("/nonexistent", SPEEDRUN_VARIANT="nope"),
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "'nope'" in r.stderr and "no-repa" in r.stderr and "bf16-weights" in r.stderr
+
+
+@pytest.mark.parametrize("variant", ["adamw-only", "bf16-weights"])
+def test_optimizer_levers_train_as_named(tmp_path, variant):
+    tr = train.apply_variant(TINY, variant)
+    run = train.setup({"SPEEDRUN_OUT": str(tmp_path)}, track=tr)
+    run.id = "test"
+    train.enter_stage(run, 1)
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    for _ in range(2):
+        train.train_step(run)
+    params = dict(run.model.named_parameters())
+    assert all(not torch.equal(before[n], p) for n, p in params.items() if n.startswith("blocks.") and p.ndim == 2)
+    if variant == "adamw-only":
+        assert run.muon is None
+        assert {id(p) for g in run.adamw.param_groups for p in g["params"]} >= {id(p) for p in params.values()}
+    else:  # every weight is a bf16 value after each step, the master copy is still an FP32 tensor
+        assert all(p.dtype == torch.float32 and torch.equal(p, p.to(torch.bfloat16).float()) for p in params.values())
+
+
+def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
+    """Stub training and scoring (tests only): finished cells are never redone, the table covers every cell."""
+    calls, out = [], tmp_path / "cells"
+    out.mkdir()
+    done = ("no-repa", 1)
+    row = {"fid": 100.0, "held": 20.0, "train": 30.0, "val_loss": 0.1, "img_s": 90.0, "wall_s": 500.0, "cell_s": 600}
+    (out / f"{ablate.cell_name(*done)}.json").write_text(json.dumps(dict(row, variant=done[0], seed=done[1])))
+
+    def fake_train(v, s, out):
+        calls.append((v, s))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the run is cut off during its third cell
+        return out / "log"
+
+    def fake_score(v, s, out, log):
+        return dict(row, variant=v, seed=s, fid=100.0 + s)
+
+    monkeypatch.setattr(ablate, "train_cell", fake_train)
+    monkeypatch.setattr(ablate, "score_cell", fake_score)
+    with pytest.raises(KeyboardInterrupt):
+        ablate.main(["--out", str(out)])
+    assert len(list(out.glob("*.json"))) == 3  # two new cells + the one done before
+    first = list(calls)
+    calls.clear()
+    ablate.main(["--out", str(out)])
+    assert calls[0] == first[-1] and set(first[:2]).isdisjoint(calls) and done not in calls
+    assert len(calls) == len(ablate.cells()) - 3 and len(ablate.cells()) == 17
+    table = (tmp_path / "ABLATIONS.md").read_text()
+    assert "| baseline | 3 | 101.0 ± 1.0 |" in table  # seeds 0, 1, 2: FID 100, 101, 102
+    assert (tmp_path / "ABLATIONS.png").stat().st_size > 0
