@@ -392,9 +392,20 @@ def load_checkpoint(ckpt, device="cpu"):
 
     import data
     import model as model_lib
-    conf = json.loads((Path(ckpt) / "config.json").read_text())
-    m = model_lib.PRX(model_lib.PRXConfig(**conf["model"]))
-    m.load_state_dict(load_file(str(Path(ckpt) / "ema.safetensors")))
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise SystemExit(f"eval.py: checkpoint {ckpt} does not exist (a checkpoints/<run-id>/step-XXXXXXXX folder)")
+    missing = [f for f in ("config.json", "ema.safetensors") if not (ckpt / f).is_file()]
+    if missing:
+        raise SystemExit(f"eval.py: {ckpt} is not a checkpoint (no {' or '.join(missing)}); "
+                         "pass a checkpoints/<run-id>/step-XXXXXXXX folder")
+    try:
+        conf = json.loads((ckpt / "config.json").read_text())
+        m = model_lib.PRX(model_lib.PRXConfig(**conf["model"]))
+        m.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+    except Exception as e:  # noqa: BLE001 (a truncated or foreign file: one line naming it, not a traceback)
+        raise SystemExit(f"eval.py: checkpoint {ckpt} is damaged or incomplete ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'})") from None
     name = conf.get("text_encoder", "cpu_track")
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # as train.py encodes on the GPU
     enc = data.TextEncoder.cpu_track(str(device)) if name == "cpu_track" else \
@@ -448,7 +459,14 @@ def verify(record_dir, ckpt=None, rtol=0.02) -> list[str]:
     """Problems found (empty = verified): every log embeds sources whose text hashes as declared, each code file in
     the folder matches the logs' hashes and metrics.json; with a checkpoint, re-evaluate and compare numbers."""
     d = Path(record_dir)
-    meta = json.loads((d / "metrics.json").read_text())
+    if not (d / "metrics.json").is_file():
+        raise SystemExit(f"eval.py: {d} is not a record folder (no metrics.json); records are under records/<track>/")
+    try:
+        meta = json.loads((d / "metrics.json").read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"eval.py: {d / 'metrics.json'} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("track") not in PROTOCOLS:
+        raise SystemExit(f"eval.py: {d / 'metrics.json'} names no known track ({', '.join(PROTOCOLS)})")
     logs = [p for p in sorted(d.iterdir()) if p.suffix in (".txt", ".log")]
     problems = [] if logs else ["no training log"]
     for log in logs:
@@ -602,6 +620,12 @@ def init_distributed():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("--"):
@@ -619,7 +643,7 @@ def main(argv=None):
     for q in (e, r):
         q.add_argument("--ckpt", required=True)
         q.add_argument("--track", default="cpu", choices=PROTOCOLS)
-        q.add_argument("--num-samples", dest="n", type=int, help="smaller N for quick checks (printed with the numbers)")
+        q.add_argument("--num-samples", dest="n", type=positive_int, help="smaller N for quick checks (printed with the numbers)")
     e.add_argument("--clip", help="local CLIP dir (CMMD)")
     e.add_argument("--dino", help="local DINOv2-reg dir (DINO-MMD)")
     r.add_argument("--log", action="append", required=True)
@@ -631,6 +655,8 @@ def main(argv=None):
     v.add_argument("--ckpt")
     sub.add_parser("leaderboard", help="regenerate the records tables in README.md and records/README.md")
     a = p.parse_args(argv)
+    if a.cmd == "sample" and not all(t.strip() for t in a.prompt):
+        p.error("--prompt is empty: give the text of the image you want")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     if a.cmd in ("sample", "eval"):
         model, enc = load_checkpoint(a.ckpt, init_distributed())

@@ -67,7 +67,6 @@ class Stage:
 @dataclass(frozen=True)
 class Track:
     name: str
-    variant: str = "baseline"  # VARIANTS key (ablations); set by SPEEDRUN_VARIANT
     preset: str  # model.PRESETS key
     stages: tuple
     text_encoder: str  # data.TextEncoder name or path; "cpu_track" = data.TextEncoder.cpu_track()
@@ -97,6 +96,7 @@ class Track:
     text_len: int = 256  # text padded to this many tokens (one compiled shape); 0 = pad to the longest in the batch
     scene_pool: int = 0  # CPU track: train on this many procedural scenes, their captions encoded once before the
     # clock starts (data preparation, cached under <out>/cache); 0 = an endless stream encoded live
+    variant: str = "baseline"  # VARIANTS key (ablations in miniature); set by SPEEDRUN_VARIANT
 
 
 MJ = "mj-llava"  # brivangl/midjourney-v6-llava: llava long captions + the original short prompts
