@@ -1,0 +1,923 @@
+"""
+train.py: the staged speedrun trainer for a pixel-space PRX-1.2B text-to-image denoiser.
+
+    torchrun --standalone --nproc_per_node=auto train.py
+
+Track: "record" (CUDA: one node of 8 x H100 80 GB, 24 h) or "cpu" (the same four stages in miniature, <= 10 min on
+2 cores); default record if CUDA is available, else cpu; SPEEDRUN_TRACK=record|cpu picks one. The file is the
+experiment: every hyperparameter is in the two tables below. Optional env (tests, development, preemption):
+  SPEEDRUN_OUT          output root (default "."): logs/<run-id>.txt, logs/<run-id>-samples/, checkpoints/<run-id>/
+  SPEEDRUN_CACHE        data preparation kept between runs (default <repo>/cache): the CPU track's teacher and text
+  SPEEDRUN_RESUME       "latest" or a run id: continue that run from its last checkpoint (exact next sample and step)
+  SPEEDRUN_STEPS_SCALE  multiply every stage's step count (and the warmup) by this factor
+  SPEEDRUN_VARIANT      an ablation of the cpu track (VARIANTS: one lever changed); SPEEDRUN_SEED its seed
+  SPEEDRUN_RUN_ID, SPEEDRUN_CKPT_EVERY, SPEEDRUN_TIME_CAP_S   override the run id / checkpoint period / wall-clock cap
+  SPEEDRUN_KILL_AT      "<step>:TERM" or "<step>:KILL": the process signals itself after that step (fault injection)
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+import data
+from model import PRESETS, PRX, sprint_keep_indices, train_flops
+
+HERE = Path(__file__).resolve().parent
+
+# ======================================================================================================================
+# Hyperparameters and the stage tables (the file is the experiment)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    res: int  # training resolution (px, square)
+    steps: int
+    batch: int  # global batch, fixed whatever the world size: gradient accumulation fills it
+    micro: int  # largest per-device micro-batch
+    captions: tuple  # data.make_loader caption policy: ("long", 0.0) or ("mixed", p_short)
+    repa: float  # REPA loss weight; 0 = off (teacher freed, projector out of the optimizer)
+    drop: float  # SPRINT token-drop ratio in the middle blocks: 0 (dense) or 0.75
+    path_drop: float  # SPRINT path-drop probability per sample (keeps path-drop guidance usable at sampling)
+    lr: tuple  # LR multiplier at the stage's first and last step, linear in between: (1, 0) is the cooldown
+    source: str  # data source (data.SOURCES key)
+
+
+@dataclass(frozen=True)
+class Track:
+    name: str
+    preset: str  # model.PRESETS key
+    stages: tuple
+    text_encoder: str  # data.TextEncoder name or path; "cpu_track" = data.TextEncoder.cpu_track()
+    teacher: str  # REPA teacher for transformers' from_pretrained; "scenes" = data.scene_teacher (CPU, offline)
+    shift_base: int  # resolution where the SD3 time shift is 1: a = res / shift_base (sampler uses the same a)
+    lr: float = 1e-4  # AdamW lr; Muon reuses it through Moonshot's match_rms_adamw scaling
+    warmup: int = 1000  # linear LR warmup steps, then constant
+    betas: tuple = (0.9, 0.95)  # PRX baseline AdamW
+    adam_eps: float = 1e-8  # not PRX's 1e-15: that turns rounding-level gradients (~1e-12, e.g. the time MLP while
+    # adaLN is still ~0) into full +-lr sign steps, so 1 and 8 processes (other summation order) would part ways
+    weight_decay: float = 0.0
+    momentum: float = 0.95  # Muon
+    muon: bool = True  # Muon for the hidden matrices (False: AdamW for every parameter)
+    bf16_weights: bool = False  # True: weights rounded to bf16 after every step (PRX's bug; FP32 master weights off)
+    ns_dtype: str = "bfloat16"  # Muon's Newton-Schulz precision (bf16 as torch.optim.Muon; CPUs lack fast bf16 matmul)
+    clip: float = 0.2  # gradient-norm clip (PRX)
+    ema: float = 0.999  # EMA decay, applied every ema_every steps
+    ema_every: int = 10
+    caption_drop: float = 0.1  # -> the "" embedding, the null condition of CFG
+    projector: int = 2048  # REPA MLP width
+    seed: int = 0
+    ckpt_every: int = 2000  # steps between checkpoints (plus every stage end, SIGTERM and the time cap)
+    time_cap_s: float = 24 * 3600.0
+    peak_flops: float = 989e12  # the step line's mfu: NVIDIA's dense bf16 spec of an H100 SXM; nan = none (CPU)
+    workers: int = 8
+    sample_steps: int = 50  # sampler steps of the stage-end grids
+    text_len: int = 256  # text padded to this many tokens (one compiled shape); 0 = pad to the longest in the batch
+    scene_pool: int = 0  # CPU track: train on this many procedural scenes, their captions encoded once before the
+    # clock starts (data preparation, cached under <out>/cache); 0 = an endless stream encoded live
+    variant: str = "baseline"  # VARIANTS key (ablations in miniature); set by SPEEDRUN_VARIANT
+
+
+MJ = "mj-llava"  # brivangl/midjourney-v6-llava: llava long captions + the original short prompts
+# Step counts from measured throughput (records/gpu-checks/2026-11-26: train.py's loop on one H100, torch 2.11):
+# 273 / 290 / 150 / 71 img/s per GPU in the four stages, less the measured share of reading cached text embeddings
+# (4.4 / 2.9 / 1.6 / 1.1 %). ASSUMED until measured: 8 GPUs scale linearly, the loader keeps up, text comes from
+# the cache. images / (8 x rate) = 3.4 + 10.1 + 4.8 + 2.5 h, + ~10 min of compilation, checkpoints and grids
+# = 21.0 h: 12 % margin to the 24 h cap.
+RECORD = Track(
+    name="record", preset="prx-1.2b-pixel", text_encoder="google/t5gemma-2b-2b-ul2",
+    teacher="facebook/dinov2-with-registers-base",  # DINOv3 (gated): "facebook/dinov3-vitl16-pretrain-lvd1689m"
+    shift_base=256,
+    stages=(  # name      res   steps  batch micro captions          repa  drop  pdrop lr        source
+        Stage("burn-in", 512, 25_000, 1024, 64, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), MJ),
+        Stage("main", 512, 80_000, 1024, 64, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), MJ),
+        Stage("high-res", 1024, 40_000, 512, 32, ("long", 0.0), 0.0, 0.75, 0.1, (1.0, 1.0), MJ),
+        Stage("sft", 1024, 10_000, 512, 16, ("mixed", 0.5), 0.0, 0.0, 0.1, (1.0, 0.0), "sft-mix"),  # + alchemist
+    ))
+# The same four stages in miniature: tiny model (8 px patches, RoPE interpolated to an 8x8 grid), procedural scenes,
+# 64 px (8x8 tokens) then 96 px (12x12), <= 10 min on 2 cores. Why each setting: README, "CPU track: what limits
+# learning" (t shift 4x the SD3 rule: flat synthetic scenes keep their layout visible at noise levels where photos
+# lose it; RoPE interpolation: raw positions put a 96 px image on angles a few high-res steps cannot learn).
+CPU = Track(
+    name="cpu", preset="tiny", text_encoder="cpu_track", teacher="scenes", shift_base=16,
+    lr=3e-3, warmup=50, clip=1.0, ema=0.98, ema_every=1, projector=256, ckpt_every=100, time_cap_s=600.0,
+    peak_flops=float("nan"), workers=0, sample_steps=8, ns_dtype="float32", text_len=0, scene_pool=8192,
+    stages=(  # name      res steps batch micro captions         repa  drop  pdrop lr        source
+        Stage("burn-in", 64, 240, 32, 32, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
+        Stage("main", 64, 1050, 32, 32, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), "scenes"),
+        Stage("high-res", 96, 140, 32, 32, ("long", 0.0), 0.0, 0.75, 0.1, (1.0, 1.0), "scenes"),
+        Stage("sft", 96, 90, 32, 32, ("mixed", 0.5), 0.0, 0.0, 0.1, (1.0, 0.0), "scenes"),
+    ))
+TRACKS = {"record": RECORD, "cpu": CPU}
+# Ablations in miniature (PRX's table on the CPU track): each variant changes exactly one lever of the CPU track.
+# SPEEDRUN_VARIANT=<name> picks one; `python ablate.py` trains and scores them all. Rows: Track fields, then Stage
+# fields per stage index. dense-hires keeps the stage's wall clock: a dense 96 px step costs 615 ms, a SPRINT one 392
+# (medians, the README command on 2 cores, commit cd8d306), so it trains 392/615 of the steps.
+VARIANTS = {
+    "baseline": ({}, {}),
+    "no-repa": ({}, {0: {"repa": 0.0}}),  # the burn-in trains without REPA
+    "repa-always": ({}, {k: {"repa": 0.5} for k in (1, 2, 3)}),  # REPA kept on to the end
+    "adamw-only": ({"muon": False}, {}),  # AdamW for every parameter
+    "short-captions": ({}, {k: {"captions": ("mixed", 1.0)} for k in range(4)}),  # short captions throughout
+    "long-only": ({}, {3: {"captions": ("long", 0.0)}}),  # no mixed long/short fine-tune
+    "dense-hires": ({}, {2: {"drop": 0.0, "path_drop": 0.0, "steps": round(CPU.stages[2].steps * 392 / 615)}}),
+    "bf16-weights": ({"bf16_weights": True}, {}),  # weights stored in bf16
+}
+
+
+def apply_variant(tr: Track, name: str) -> Track:
+    fields, per_stage = VARIANTS[name]
+    stages = tuple(dataclasses.replace(s, **per_stage.get(k, {})) for k, s in enumerate(tr.stages))
+    return dataclasses.replace(tr, stages=stages, variant=name, **fields)
+
+
+def env_value(env, key, kind, default, choices=None):
+    """One environment setting, or a one-line error naming the bad value and what is valid (no traceback)."""
+    raw = env.get(key) or default
+    if choices is not None and raw not in choices:
+        raise SystemExit(f"train.py: {key}={raw!r} is not one of: {', '.join(choices)}")
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SystemExit(f"train.py: {key}={raw!r} is not a valid {kind.__name__}") from None
+    if kind is not str and not value > 0 and key != "SPEEDRUN_SEED":
+        raise SystemExit(f"train.py: {key}={raw!r} must be > 0")
+    return value
+
+
+def select_track(env=os.environ) -> Track:
+    name = env_value(env, "SPEEDRUN_TRACK", str, "record" if torch.cuda.is_available() else "cpu", TRACKS)
+    tr = TRACKS[name]
+    variant = env_value(env, "SPEEDRUN_VARIANT", str, "baseline", VARIANTS)
+    if variant != "baseline":
+        if name != "cpu":
+            raise SystemExit(f"train.py: SPEEDRUN_VARIANT={variant!r} is for the cpu track (ablations in miniature)")
+        tr = apply_variant(tr, variant)
+    scale = env_value(env, "SPEEDRUN_STEPS_SCALE", float, "1")
+    if scale != 1:
+        tr = dataclasses.replace(tr, warmup=max(1, round(tr.warmup * scale)), stages=tuple(
+            dataclasses.replace(s, steps=max(1, round(s.steps * scale))) for s in tr.stages))
+    ov = {k: env_value(env, v, t, None) for k, v, t in (("ckpt_every", "SPEEDRUN_CKPT_EVERY", int),
+                                                        ("time_cap_s", "SPEEDRUN_TIME_CAP_S", float),
+                                                        ("seed", "SPEEDRUN_SEED", int)) if env.get(v)}
+    return dataclasses.replace(tr, **ov)
+
+
+def stage_at(tr: Track, step: int) -> int:
+    """Index of the stage that trains step `step` (0-based); len(stages) once the run is over."""
+    end = 0
+    for k, s in enumerate(tr.stages):
+        end += s.steps
+        if step < end:
+            return k
+    return len(tr.stages)
+
+
+def lr_at(tr: Track, step: int) -> float:
+    """Linear warmup, then each stage's multiplier line (constant, or the linear cooldown to 0 of the last stage)."""
+    k = min(stage_at(tr, step), len(tr.stages) - 1)
+    s0 = sum(s.steps for s in tr.stages[:k])
+    a, b = tr.stages[k].lr
+    frac = min(1.0, (step - s0) / max(1, tr.stages[k].steps - 1))  # the stage's last step runs at its end value
+    return tr.lr * min(1.0, (step + 1) / tr.warmup) * (a + (b - a) * frac)
+
+
+# ======================================================================================================================
+# Muon, distributed (Keller Jordan 2024; modded-nanogpt's sharded Newton-Schulz; Moonshot's lr scaling)
+
+
+def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
+    """Quintic Newton-Schulz orthogonalisation, in bf16 the exact op sequence of torch.optim.Muon (torch 2.9+)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(dtype)
+    if G.size(0) > G.size(1):
+        X = X.T
+    X = X.div(X.norm().clamp(min=eps))  # spectral norm <= 1
+    for _ in range(steps):
+        A = X @ X.T
+        X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)
+    return X.T if G.size(0) > G.size(1) else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon with Moonshot's match_rms_adamw scaling ("Muon is Scalable for LLM Training", Liu et al. 2025):
+    step lr * 0.2 * sqrt(max(rows, cols)), so Muon reuses AdamW's lr and weight decay.
+    Distributed like modded-nanogpt: every rank keeps the momentum of every matrix (an elementwise update, and a
+    checkpoint that any world size can load), but runs Newton-Schulz only on its 1/world share of each same-shape
+    bucket; the bf16 updates are all-gathered. With one process this is exactly
+    torch.optim.Muon(adjust_lr_fn="match_rms_adamw")."""
+
+    def __init__(self, params, lr=1e-4, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5, eps=1e-7,
+                 rank=0, world=1, ns_dtype=torch.bfloat16):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
+                                      "ns_steps": ns_steps, "eps": eps})
+        self.rank, self.world, self.ns_dtype = rank, world, ns_dtype
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            buckets, pending = {}, []
+            for p in group["params"]:  # grads are None on every rank alike (see sync_grads)
+                if p.grad is not None:
+                    buckets.setdefault(tuple(p.shape), []).append(p)
+            for shape, ps in buckets.items():
+                for i in range(0, len(ps), self.world):
+                    chunk, updates = ps[i:i + self.world], []
+                    for p in chunk:  # Nesterov momentum in torch.optim.Muon's lerp form
+                        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                        buf.lerp_(p.grad, 1 - mom)
+                        updates.append(p.grad.lerp(buf, mom) if group["nesterov"] else buf)
+                    if self.rank < len(chunk):
+                        mine = zeropower_via_newtonschulz5(updates[self.rank], group["ns_steps"], group["eps"],
+                                                           self.ns_dtype).contiguous()  # NCCL gathers contiguous
+                    else:  # this rank has no matrix in the last chunk: it sends zeros
+                        mine = ps[0].new_zeros(shape, dtype=self.ns_dtype)
+                    if self.world == 1:
+                        pending.append((chunk, [mine], None))
+                    else:
+                        outs = [torch.empty_like(mine) for _ in range(self.world)]
+                        pending.append((chunk, outs, dist.all_gather(outs, mine, async_op=True)))
+            for chunk, outs, handle in pending:
+                if handle is not None:
+                    handle.wait()
+                for p, o in zip(chunk, outs):
+                    p.mul_(1 - lr * wd)
+                    p.add_(o, alpha=-lr * 0.2 * math.sqrt(max(p.shape[0], p.shape[1])))
+
+
+# ======================================================================================================================
+# World-size invariance: every random draw of a sample comes from (seed, step, global sample index)
+
+
+def sample_key(seed: int, step: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{index}".encode()).digest()[:8], "little") >> 1
+
+
+def draw_samples(run, index, step):
+    """Timesteps, noise, caption/path drops and SPRINT keep indices of one micro-batch, one torch.Generator per sample
+    seeded from its global index: 1, 2, 4 or 8 processes (any micro-batch split) draw the same numbers."""
+    st, dev = run.stage, run.device
+    gh, a = st.res // run.cfg.patch, st.res / run.tr.shift_base  # SD3 resolution shift a = sqrt(pixels) ratio
+    t, cap, pd, keep, eps = [], [], [], [], []
+    for i in index.tolist():
+        key = sample_key(run.tr.seed, step, i)
+        g = torch.Generator().manual_seed(key)
+        u, z = torch.rand(4, generator=g), torch.randn(1, generator=g)
+        ti = u[1].item() if u[0] < 0.1 else torch.sigmoid(z).item()  # PRX: logit-normal N(0, 1), 10 % uniform
+        t.append(a * ti / (1 + (a - 1) * ti))
+        cap.append(bool(u[2] < run.tr.caption_drop))
+        pd.append(bool(u[3] < st.path_drop))
+        if st.drop:
+            keep.append(sprint_keep_indices(1, gh, gh, generator=g))
+        gd = torch.Generator(dev).manual_seed(key ^ 1)
+        eps.append(torch.randn(3, st.res, st.res, generator=gd, device=dev))
+    t = torch.tensor(t, device=dev)
+    keep = torch.cat(keep).to(dev) if st.drop else None
+    path_drop = torch.tensor(pd, device=dev) if st.path_drop else None
+    return t, torch.stack(eps), cap, path_drop, keep
+
+
+# ======================================================================================================================
+# The objective: flow matching with JiT x-prediction, plus REPA during the burn-in
+
+
+def flow_matching_loss(model, x0, eps, t, txt, mask, keep_idx=None, path_drop=None, return_repa=False):
+    """JiT (Li & He 2025), convention B: x_t = (1-t) x0 + t eps; the net predicts x0; MSE in v-space (t >= .05)."""
+    tb = t.view(-1, 1, 1, 1)
+    x_t = (1 - tb) * x0 + tb * eps
+    out = model(x_t, t, txt, mask, keep_idx=keep_idx, path_drop=path_drop, return_repa=return_repa)
+    x0_hat, h, kept = out if return_repa else (out, None, None)
+    v_hat, v = (x_t - x0_hat.float()) / tb.clamp(min=0.05), (x_t - x0) / tb.clamp(min=0.05)
+    return (v_hat - v).square().mean((1, 2, 3)), h, kept  # per-sample loss
+
+
+
+
+@torch.no_grad()
+def teacher_tokens(teacher, x0, grid):
+    """Frozen DINO patch tokens of the clean image, resized so that the teacher's patch grid equals the token grid."""
+    size = grid * teacher.config.patch_size
+    x = F.interpolate((x0 + 1) / 2, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
+    hidden = teacher(pixel_values=(x - mean) / std).last_hidden_state
+    return hidden[:, 1 + getattr(teacher.config, "num_register_tokens", 0):]  # drop CLS and registers
+
+
+def repa_loss(projector, h, y, keep_idx=None):
+    """REPA (Yu et al. 2024): negative cosine between projected student tokens and teacher tokens (per sample);
+    under SPRINT the teacher tokens are gathered at the kept indices."""
+    if keep_idx is not None:
+        y = y.gather(1, keep_idx[..., None].expand(-1, -1, y.shape[-1]))
+    return -F.cosine_similarity(projector(h).float(), y.float(), dim=-1).mean(1)
+
+
+def make_projector(hidden, width, d_teacher, seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                             nn.Linear(width, d_teacher))
+
+
+# ======================================================================================================================
+# Setup: processes, model, optimizers, EMA, stages
+
+
+def peak_matmul_flops(device, dtype=torch.bfloat16, n=8192, reps=20):
+    """This device's dense matmul rate in FLOP/s (n^3 products after 3 warm-ups): the denominator of mfu_measured,
+    shared with tests/gpu_check.py so that the log and the check agree. About 1 s on an H100."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def setup(env=os.environ, track=None):
+    run = SimpleNamespace(tr=track or select_track(env), out=Path(env.get("SPEEDRUN_OUT", ".")).resolve(), step=0,
+                          k=None, teacher=None, projector=None, loader=None, elapsed0=0.0, flags={}, t0=time.time(),
+                          writer=None, host_pool={}, peak_measured=float("nan"),
+                          cache=Path(env.get("SPEEDRUN_CACHE", HERE / "cache")).resolve())  # data preparation
+    if "RANK" in env:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        run.rank, run.world, local = dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", 0))
+    else:
+        run.rank, run.world, local = 0, 1, 0
+    cuda = torch.cuda.is_available() and run.tr.name == "record"
+    run.device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    torch.set_flush_denormal(True)  # CPU: denormal values appearing after some steps slow matmuls up to ~50x
+    if cuda:
+        torch.cuda.set_device(run.device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        run.peak_measured = peak_matmul_flops(run.device)  # this card's bf16 matmul peak, beside the spec's
+    run.amp = torch.bfloat16 if cuda else None  # FP32 master weights; bf16 only inside autocast
+    run.enc = (data.TextEncoder.cpu_track() if run.tr.text_encoder == "cpu_track" else
+               data.TextEncoder(run.tr.text_encoder, device=run.device, dtype=run.amp or torch.float32))
+    run.cfg = dataclasses.replace(PRESETS[run.tr.preset], text_dim=run.enc.dim)
+    torch.manual_seed(run.tr.seed)  # every rank builds the same initial weights
+    run.model = PRX(run.cfg).to(run.device)
+    run.ema = PRX(run.cfg).to(run.device).eval().requires_grad_(False)  # EMA of the weights, FP32
+    run.ema.load_state_dict(run.model.state_dict())
+    run.fwd = run.model
+    if cuda:  # regional compilation: the 16 blocks share one compiled code object, compiled once per stage shape
+        for blk in run.model.blocks:
+            blk.compile()
+    tr = run.tr
+    adamw_params = run.model.adamw_params() + ([] if tr.muon else run.model.muon_params())
+    run.adamw = torch.optim.AdamW([{"params": adamw_params, "name": "model"}], lr=tr.lr, betas=tr.betas,
+                                  eps=tr.adam_eps, weight_decay=tr.weight_decay, fused=cuda or None)
+    run.muon = Muon(run.model.muon_params(), lr=tr.lr, weight_decay=tr.weight_decay, momentum=tr.momentum,
+                    rank=run.rank, world=run.world, ns_dtype=getattr(torch, tr.ns_dtype)) if tr.muon else None
+    if tr.scene_pool:
+        prepare_scene_cache(run)
+    run.teacher_path = tr.teacher
+    if tr.teacher == "scenes" and any(s.repa for s in tr.stages):  # data preparation: trained once, cached
+        grid = next(s.res for s in tr.stages if s.repa) // run.cfg.patch  # the burn-in's token grid
+        path = run.cache / f"scene-teacher-dinov2-with-registers-tiny-grid{grid}"
+        if run.rank == 0:
+            data.scene_teacher(path, grid=grid)
+        if run.world > 1:
+            dist.barrier()
+        run.teacher_path = str(path)
+    return run
+
+
+def scene_cache_dir(run) -> Path:
+    name = hashlib.sha256(run.enc.name.encode()).hexdigest()[:8]
+    return run.cache / f"scenes-{run.tr.seed}-{run.tr.scene_pool}-text-{name}"
+
+
+def prepare_scene_cache(run):
+    """Data preparation outside the clock: encode the captions of the CPU track's scene pool once (rank 0; a second
+    run finds the cache and skips the work)."""
+    if run.rank == 0:
+        data.build_cache(data.SceneDataset(run.tr.seed, run.tr.scene_pool), run.enc, scene_cache_dir(run))
+    if run.world > 1:
+        dist.barrier()
+
+
+def enter_stage(run, k, loader_state=None):
+    """Switch to stage k: its data loader, and REPA alive only where the stage table says so."""
+    st, tr = run.tr.stages[k], run.tr
+    run.k, run.stage = k, st
+    if st.repa and run.teacher is None:  # REPA burn-in: frozen teacher + trainable projector (AdamW)
+        from transformers import AutoModel
+        path = run.teacher_path
+        run.teacher = AutoModel.from_pretrained(path).to(run.device).eval().requires_grad_(False)
+        run.projector = make_projector(run.cfg.hidden, tr.projector, run.teacher.config.hidden_size, tr.seed + 1)
+        run.projector.to(run.device)
+        run.adamw.add_param_group({"params": list(run.projector.parameters()), "name": "repa"})
+        note = " (trained once on the procedural scenes: data.scene_teacher)" if tr.teacher == "scenes" else ""
+        log(run, f"repa: teacher {path}{note} d_teacher:{run.teacher.config.hidden_size} weight:{st.repa} "
+                 f"block:{run.cfg.repa_block}")
+    if not st.repa and run.teacher is not None:  # HASTE: REPA helps early, then constrains; its cost leaves with it
+        for p in run.projector.parameters():
+            run.adamw.state.pop(p, None)
+        run.adamw.param_groups = [g for g in run.adamw.param_groups if g.get("name") != "repa"]
+        run.teacher = run.projector = None
+        if run.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log(run, "repa: off; teacher freed, projector removed from the optimizer")
+    if run.loader is not None:  # the previous stage's worker processes end here, not at interpreter exit
+        run.loader.close()
+    per = st.batch // run.world
+    if st.batch % run.world:
+        raise ValueError(f"global batch {st.batch} is not divisible by world size {run.world}")
+    run.accum = math.ceil(per / st.micro)
+    while per % run.accum:
+        run.accum += 1
+    run.micro = per // run.accum
+    cache = data.DATA_ROOT / st.source / "cache"  # caption embeddings precomputed by `python data.py --cache`
+    cache = cache if st.source != "scenes" and (cache / "meta.json").exists() else None
+    source = st.source
+    if st.source == "scenes" and tr.scene_pool:  # the pool and its caption cache, built in setup
+        source, cache = data.SceneDataset(tr.seed, tr.scene_pool), scene_cache_dir(run)
+    run.loader = data.make_loader(source, st.res, run.micro, run.rank, run.world, tr.seed * 1000 + k, st.captions,
+                                  tr.workers, cache_dir=cache)
+    if loader_state is not None:
+        run.loader.load_state_dict(loader_state)
+    run.batches = iter(run.loader)
+    log(run, f"stage:{k + 1} name:{st.name} res:{st.res} steps:{st.steps} batch:{st.batch} micro:{run.micro} "
+             f"accum:{run.accum} captions:{st.captions[0]}:{st.captions[1]} repa:{st.repa or 'off'} "
+             f"sprint_drop:{st.drop} path_drop:{st.path_drop} lr_mult:{st.lr[0]}->{st.lr[1]} source:{st.source} "
+             f"text:{'cache' if cache else 'live'}",
+        console=True)
+
+
+# ======================================================================================================================
+# The training step
+
+
+def pad_text(txt, mask, L):
+    return F.pad(txt, (0, 0, 0, L - txt.shape[1])), F.pad(mask, (0, L - mask.shape[1]))
+
+
+def text_condition(run, batch, drop):
+    """Caption dropout 10 %: dropped captions become "", whose encoding is the null condition of CFG. With
+    tr.text_len the text is padded to that many tokens (padding keys are masked): one shape for the compiler."""
+    if "txt" in batch:  # cached embeddings: put the "" embedding in the dropped rows
+        txt, mask = batch["txt"].to(run.device).float(), batch["txt_mask"].to(run.device).bool()
+        if any(drop):
+            n, nm = (v.to(run.device) for v in run.enc.null())
+            L = max(txt.shape[1], n.shape[1])
+            (txt, mask), (n, nm) = pad_text(txt, mask, L), pad_text(n.float(), nm.bool(), L)
+            d = torch.tensor(drop, device=run.device)
+            txt, mask = torch.where(d[:, None, None], n, txt), torch.where(d[:, None], nm, mask)
+    else:
+        with torch.no_grad():
+            txt, mask = run.enc.encode(["" if d else c for c, d in zip(batch["caption"], drop)])
+        txt, mask = txt.to(run.device).float(), mask.to(run.device).bool()
+    L = run.tr.text_len
+    return pad_text(txt, mask, L) if L and txt.shape[1] < L else (txt, mask)
+
+
+def next_batch(run):
+    try:
+        return next(run.batches)
+    except StopIteration:  # a finite loader: start its next epoch
+        run.batches = iter(run.loader)
+        return next(run.batches)
+
+
+def sync_grads(run, params):
+    """Manual all-reduce after accumulation (modded-nanogpt) rather than DDP: exact (the summed gradient of the global
+    batch), no find_unused_parameters for the stage-dependent parameters (REPA projector, SPRINT fusion), one
+    reduction per step whatever the accumulation. A parameter unused on every rank keeps grad None (optimizers skip
+    it); one unused on some ranks only is zero-filled there, so that all ranks reduce the same tensors."""
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=run.device)
+    if run.world > 1:
+        dist.all_reduce(used, op=dist.ReduceOp.MAX)
+    live = [p for p, u in zip(params, used.tolist()) if u]
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if run.world > 1:  # one flat all-reduce per bucket of <= 64M values, not one per tensor (~100 small ones)
+        bucket, size = [], 0
+        for p in live + [None]:
+            if bucket and (p is None or size + p.numel() > 2**26):
+                flat = torch.cat([q.grad.flatten() for q in bucket])
+                dist.all_reduce(flat)
+                for q, g in zip(bucket, flat.split([q.numel() for q in bucket])):
+                    q.grad.copy_(g.view_as(q.grad))
+                bucket, size = [], 0
+            if p is not None:
+                bucket.append(p)
+                size += p.numel()
+    return live
+
+
+def train_step(run):
+    """One optimizer step over the global batch: accumulate, all-reduce, clip, AdamW + Muon, EMA."""
+    st, step, G = run.stage, run.step, run.stage.batch
+    params = list(run.model.parameters()) + (list(run.projector.parameters()) if run.projector else [])
+    fm_sum = repa_sum = served = torch.zeros((), device=run.device)
+    txt_len = 0
+    for _ in range(run.accum):
+        batch = next_batch(run)
+        if len(batch["index"]) == 0:  # every row of this micro-batch was bad (skipped and counted by data.py)
+            continue
+        x0 = batch["image"].to(run.device, non_blocking=True).float().div(127.5).sub(1)
+        t, eps, drop, path_drop, keep = draw_samples(run, batch["index"], step)
+        txt, mask = text_condition(run, batch, drop)
+        with torch.autocast(run.device.type, dtype=run.amp or torch.bfloat16, enabled=run.amp is not None):
+            fm, h, kept = flow_matching_loss(run.fwd, x0, eps, t, txt, mask, keep, path_drop, bool(st.repa))
+            loss = fm.sum()
+            if st.repa:
+                rl = repa_loss(run.projector, h, teacher_tokens(run.teacher, x0, st.res // run.cfg.patch), kept)
+                loss, repa_sum = loss + st.repa * rl.sum(), repa_sum + rl.detach().sum()
+        (loss / G).backward()  # sum over the global batch / G = the global mean, whatever the split
+        fm_sum, served, txt_len = fm_sum + fm.detach().sum(), served + len(fm), txt.shape[1]
+    stop = float(bool(run.flags) or time.time() - run.t0 + run.elapsed0 >= run.tr.time_cap_s)
+    stats = torch.stack([fm_sum, repa_sum, served, torch.tensor(stop, device=run.device)])
+    if run.world > 1:
+        dist.all_reduce(stats)
+    fm_sum, repa_sum, n, stop = stats.tolist()
+    n = max(n, 1.0)
+    loss, repa = fm_sum / n, repa_sum / n
+    if not (math.isfinite(loss) and math.isfinite(repa)):
+        raise FloatingPointError(f"non-finite loss at step {step + 1} (loss {loss}, repa {repa})")
+    live = sync_grads(run, params)
+    if n != G:  # skipped bad rows: the mean over the samples actually served
+        torch._foreach_mul_([p.grad for p in live], G / n)
+    gnorm = torch.nn.utils.clip_grad_norm_(live, run.tr.clip).item()
+    lr = lr_at(run.tr, step)
+    for opt in filter(None, (run.adamw, run.muon)):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if run.tr.bf16_weights:  # the ablation of FP32 master weights: updates below bf16's resolution are lost
+        with torch.no_grad():
+            for p in params:
+                p.copy_(p.to(torch.bfloat16))
+    run.step += 1
+    if run.step % run.tr.ema_every == 0:  # EMA of the FP32 weights (the only buffer, the SPRINT mask token, is fixed)
+        torch._foreach_lerp_(list(run.ema.parameters()), list(run.model.parameters()), 1 - run.tr.ema)
+    return {"loss": loss, "repa": repa if st.repa else None, "lr": lr, "gnorm": gnorm, "stop": stop > 0,
+            "txt_len": txt_len}
+
+
+# ======================================================================================================================
+# Checkpoints: safetensors weights + EMA, torch.save'd state; written to a temp dir, renamed when complete
+
+
+def to_host(obj, pool=None):
+    """A copy in host memory of every tensor in obj (nested dicts/lists), on a CPU too, so that training may go on
+    while a thread writes it. CUDA tensors go to page-locked buffers kept in `pool` under their path in obj and
+    reused from one checkpoint to the next (allocating 14 GB of pinned memory took 10-13 s on an H200), copied
+    asynchronously, then one synchronisation."""
+    pool = {} if pool is None else pool
+
+    def copy(x, path):
+        if isinstance(x, dict):
+            return {k: copy(v, f"{path}/{k}") for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v, f"{path}/{i}") for i, v in enumerate(x))
+        if not torch.is_tensor(x):
+            return x
+        if x.device.type != "cuda":
+            return x.detach().to("cpu", copy=True).contiguous()
+        buf = pool.get(path)
+        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+            buf = pool[path] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        return buf.copy_(x.detach(), non_blocking=True)
+
+    out = copy(obj, "")
+    if pool:
+        torch.cuda.synchronize()
+    return out
+
+
+def tensors(module):
+    return to_host(module.state_dict())
+
+
+def checkpoint_dir(out: Path, run_id: str) -> Path:
+    return out / "checkpoints" / run_id
+
+
+def latest_checkpoint(root: Path):
+    done = sorted(root.glob("step-*"))  # only complete checkpoints carry this name
+    return done[-1] if done else None
+
+
+def write_checkpoint(root: Path, step: int, snap: dict):
+    """Background thread: write the snapshot to a temp dir, fsync, rename (atomic), then drop the previous one."""
+    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    if final.exists():
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(snap["model"], str(tmp / "model.safetensors"))
+    save_file(snap["ema"], str(tmp / "ema.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(snap["config"]))
+    torch.save(snap["state"], tmp / "state.pt")
+    for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    os.rename(tmp, final)  # atomic: a checkpoint dir named step-* is always complete
+    for old in root.glob("step-*"):  # the previous one goes only once the new one is complete
+        if old != final:
+            shutil.rmtree(old)
+
+
+def wait_for_checkpoint(run):
+    """Join the write in flight, if any; log how long it took; re-raise its error (nothing is lost silently)."""
+    job = run.writer
+    if job is None:
+        return
+    job["thread"].join()
+    run.writer = None
+    if job["error"] is not None:
+        raise RuntimeError(f"writing checkpoint {job['path']} failed") from job["error"]
+    log(run, f"checkpoint_written:{job['path']} write_s:{job['write_s']:.1f}")
+
+
+def save_checkpoint(run, why):
+    """Checkpoints off the critical path: the trainer stalls only to copy the state to host memory; a thread writes
+    it (one write in flight: the next save and the end of the run wait for it). Rank 0 writes; weights are equal
+    on every rank and the optimizer state is replicated (see Muon)."""
+    t = time.perf_counter()
+    wait_for_checkpoint(run)
+    if run.rank == 0:
+        root = checkpoint_dir(run.out, run.id)
+        snap = to_host({"model": run.model.state_dict(), "ema": run.ema.state_dict(),
+                        "config": {"model": dataclasses.asdict(run.cfg), "track": run.tr.name,
+                                   "text_encoder": run.tr.text_encoder, "step": run.step},
+                        "state": {"step": run.step, "stage": run.k, "run_id": run.id, "track": run.tr.name,
+                                  "world": run.world, "adamw": run.adamw.state_dict(), "muon": run.muon.state_dict() if run.muon else None,
+                                  "loader": run.loader.state_dict(),
+                                  "projector": run.projector.state_dict() if run.projector else None,
+                                  "elapsed": time.time() - run.t0 + run.elapsed0, "rng": torch.get_rng_state()}},
+                       run.host_pool)
+        job = {"path": root / f"step-{run.step:08d}", "error": None, "write_s": 0.0}
+
+        def write():
+            t0 = time.perf_counter()
+            try:
+                write_checkpoint(root, snap["config"]["step"], snap)
+            except Exception as e:  # noqa: BLE001 (any failure: re-raised by wait_for_checkpoint)
+                job["error"] = e
+            job["write_s"] = time.perf_counter() - t0
+
+        job["thread"] = threading.Thread(target=write, name="checkpoint-writer")
+        job["thread"].start()
+        run.writer = job
+        log(run, f"checkpoint:{job['path']} why:{why} stall_s:{time.perf_counter() - t:.2f} (written in the background)")
+    if run.world > 1:
+        dist.barrier()
+
+
+def matching_groups(sd, names):
+    """An optimizer state without the param groups that are not alive now (the REPA projector's, when the checkpoint
+    was written at the end of the burn-in, before the next stage dropped it)."""
+    groups = [g for g in sd["param_groups"] if g.get("name") in names]
+    keep = {i for g in groups for i in g["params"]}
+    return {"state": {i: v for i, v in sd["state"].items() if i in keep}, "param_groups": groups}
+
+
+def load_checkpoint(run, path: Path):
+    """Weights, EMA, optimizer states, REPA projector, data position, step and clock: the exact next sample and step."""
+    run.model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(run.device)))
+    run.ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(run.device)))
+    s = torch.load(path / "state.pt", map_location=run.device, weights_only=False)
+    run.step, run.elapsed0 = s["step"], s["elapsed"]
+    torch.set_rng_state(s["rng"].cpu())
+    k = stage_at(run.tr, run.step)
+    if k < len(run.tr.stages):  # mid-stage: continue this stage's data stream (its position is rank-independent)
+        enter_stage(run, k, s["loader"] if k == s["stage"] else None)
+    if s["projector"] is not None and run.projector is not None:
+        run.projector.load_state_dict(s["projector"])
+    run.adamw.load_state_dict(matching_groups(s["adamw"], {g.get("name") for g in run.adamw.param_groups}))
+    if run.muon:
+        run.muon.load_state_dict(s["muon"])
+    log(run, f"resumed from {path} at step:{run.step} elapsed_s:{run.elapsed0:.1f}", console=True)
+
+
+# ======================================================================================================================
+# Logging: the log is the record (sources + hashes, environment, one greppable line per step)
+
+
+def log(run, line, console=False):
+    if run.rank == 0:
+        if getattr(run, "logf", None):
+            run.logf.write(line + "\n")
+            run.logf.flush()
+        if console:
+            tqdm.write(line)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def git(*args):
+    try:
+        out = subprocess.run(["git", *args], check=False, cwd=HERE, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def data_manifest_hash(tr: Track) -> str:
+    """Every source the stages read (a mixture's parts included), each with data.py's hash of it."""
+    names = {s for st in tr.stages for s in (data.MIXES[st.source][:2] if st.source in data.MIXES else (st.source,))}
+    return ",".join(f"{n}:{data.source_hash(n)}" for n in sorted(names))
+
+
+def write_header(run):
+    if run.rank != 0:
+        return
+    for name in ("train.py", "model.py", "data.py"):
+        p = HERE / name
+        run.logf.write(f"==== {name} sha256:{sha256(p)} ====\n{p.read_text()}\n")
+    status = git("status", "--porcelain")
+    run.logf.write(f"==== end of sources ====\ngit:{git('rev-parse', 'HEAD') or 'unknown'} dirty:{bool(status)}\n"
+                   f"data_manifest:{data_manifest_hash(run.tr)}\n")
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    log(run, f"python:{platform.python_version()} torch:{torch.__version__} cuda:{torch.version.cuda} "
+             f"gpus:{','.join(gpus) or 'none'} world:{run.world} device:{run.device.type} "
+             f"threads:{torch.get_num_threads()} "
+             f"host_cpus:{os.cpu_count()}")
+    n = sum(p.numel() for p in run.model.parameters())
+    log(run, f"track:{run.tr.name} variant:{run.tr.variant} run:{run.id} model:{run.tr.preset} params:{n} "
+             f"text_encoder:{run.tr.text_encoder} (dim {run.enc.dim}) teacher:{run.tr.teacher} "
+             f"time_cap_s:{run.tr.time_cap_s:.0f}", console=True)
+    measured = (f"measured {run.peak_measured / 1e12:.0f} TFLOP/s (bf16 8192^3 matmul on this card; mfu_measured)"
+                if math.isfinite(run.peak_measured) else "not measured (no CUDA)")
+    log(run, f"peak: spec {run.tr.peak_flops / 1e12:.0f} TFLOP/s (H100 SXM dense bf16; the step line's mfu), {measured}")
+    log(run, f"hyper: {dataclasses.replace(run.tr, stages=())}")
+    for k, st in enumerate(run.tr.stages):
+        log(run, f"plan: stage {k + 1} {st}")
+
+
+def step_line(run, m, dt):
+    st, G, total = run.stage, run.stage.batch, sum(s.steps for s in run.tr.stages)
+    flops = G * train_flops(run.cfg, st.res, m["txt_len"], st.drop)
+    mfu = flops / (dt * run.world * run.tr.peak_flops)  # against the spec's peak (header line "peak:")
+    meas = flops / (dt * run.world * run.peak_measured)  # against this card's measured matmul peak
+    mem = (torch.cuda.max_memory_allocated() if run.device.type == "cuda" else
+           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
+    repa = f" repa:{m['repa']:.4f}" if m["repa"] is not None else ""
+    seen = sum(s.batch * min(s.steps, max(0, run.step - sum(p.steps for p in run.tr.stages[:i])))
+               for i, s in enumerate(run.tr.stages))  # images trained on so far
+    return (f"step:{run.step}/{total} stage:{run.k + 1} loss:{m['loss']:.4f}{repa} lr:{m['lr']:.1e} "
+            f"gnorm:{m['gnorm']:.2f} ms:{dt * 1e3:.0f} img/s:{G / dt:.1f} mfu:{mfu:.3f}"
+            f"{f' mfu_measured:{meas:.3f}' if math.isfinite(meas) else ''} mem_gb:{mem:.1f} seen:{seen}")
+
+
+VAL_T = (0.1, 0.3, 0.5, 0.7, 0.9)  # t bins of the validation loss
+VAL_N = 32  # held-out images in its fixed batch
+
+
+@torch.no_grad()
+def binned_val_loss(run):
+    """PRX logs a validation loss binned by t: the EMA weights' flow-matching loss on a fixed held-out batch with
+    fixed noise at fixed t, so that two runs (or two stages) compare with little noise."""
+    st = run.stage
+    images, captions = data.validation_batch(st.source, st.res, VAL_N)
+    x0 = images.to(run.device).float().div(127.5).sub(1)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(run.tr.seed + 7)).to(run.device)
+    txt, mask = text_condition(run, {"caption": captions}, [False] * len(captions))
+    bins = {}
+    for t in VAL_T:
+        total = 0.0
+        for i in range(0, len(x0), run.micro):  # micro-batches: the same memory as training
+            tt = torch.full((len(x0[i:i + run.micro]),), t, device=run.device)
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp is not None):
+                fm, _, _ = flow_matching_loss(run.ema, x0[i:i + run.micro], eps[i:i + run.micro], tt,
+                                              txt[i:i + run.micro], mask[i:i + run.micro])
+            total += fm.sum().item()
+        bins[t] = total / len(x0)
+    log(run, f"val_loss: stage:{run.k + 1} res:{st.res} " + " ".join(f"t{t}:{v:.4f}" for t, v in bins.items()) +
+        f" mean:{sum(bins.values()) / len(bins):.4f}", console=True)
+
+
+def sample_grid(run):
+    """Fixed-prompt grid of the EMA weights at the stage's resolution (eval.py's sampler)."""
+    import eval as evaluation
+
+    prompts = evaluation.GRID_PROMPTS if run.tr.name == "record" else [s.long_caption for s in data.heldout_scenes(8)]
+    path = run.out / "logs" / f"{run.id}-samples" / f"stage{run.k + 1}-{run.stage.name}.png"
+    evaluation.sample_grid(run.ema, run.enc, prompts, run.stage.res, str(path), steps=run.tr.sample_steps,
+                           shift=run.stage.res / run.tr.shift_base)
+    log(run, f"sample_grid:{path}", console=True)
+
+
+# ======================================================================================================================
+# Main loop
+
+
+def main(env=os.environ):
+    run = setup(env)
+    resume = env.get("SPEEDRUN_RESUME")
+    if resume:
+        root = run.out / "checkpoints"
+        rid = (max(root.iterdir(), key=lambda d: d.stat().st_mtime).name if resume == "latest" else resume)
+        ckpt = latest_checkpoint(root / rid)
+        if ckpt is None:
+            raise FileNotFoundError(f"no complete checkpoint under {root / rid}")
+        run.id = rid
+    else:
+        stamp = f"{run.tr.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        ckpt, rid = None, env.get("SPEEDRUN_RUN_ID") or stamp
+        if run.world > 1:  # one id for all ranks
+            box = [rid]
+            dist.broadcast_object_list(box, src=0)
+            rid = box[0]
+        run.id = rid
+    if run.rank == 0:
+        (run.out / "logs").mkdir(parents=True, exist_ok=True)
+        run.logf = open(run.out / "logs" / f"{run.id}.txt", "a")  # noqa: SIM115 (open for the whole run)
+    run.t0 = time.time()
+    if ckpt is None:
+        write_header(run)
+    else:
+        log(run, "resume: " + " ".join(f"{n}:sha256:{sha256(HERE / n)}" for n in ("train.py", "model.py", "data.py")))
+        load_checkpoint(run, ckpt)
+    signal.signal(signal.SIGTERM, lambda *_: run.flags.update(sigterm=True))  # SIGTERM: save, then exit cleanly
+    kill_at = env.get("SPEEDRUN_KILL_AT", "")
+    total = sum(s.steps for s in run.tr.stages)
+    ends = [sum(s.steps for s in run.tr.stages[:k + 1]) for k in range(len(run.tr.stages))]
+    bar = tqdm(total=total, initial=run.step, disable=run.rank != 0, desc=f"{run.tr.name} track", dynamic_ncols=True)
+    code = 0
+    while run.step < total:
+        k = stage_at(run.tr, run.step)
+        if k != run.k:
+            enter_stage(run, k)
+        t_step = time.perf_counter()
+        try:
+            m = train_step(run)
+        except FloatingPointError as e:
+            last = latest_checkpoint(checkpoint_dir(run.out, run.id))
+            log(run, f"STOP: {e}; the run stops here, last good checkpoint: {last}", console=True)
+            code = 1
+            break
+        dt = time.perf_counter() - t_step
+        line = step_line(run, m, dt)
+        log(run, line)
+        bar.update(1)
+        bar.set_postfix_str(line.split(" ", 2)[2][:60])
+        if run.step in ends:
+            if run.rank == 0:
+                sample_grid(run)
+                binned_val_loss(run)
+            save_checkpoint(run, f"end of stage {run.k + 1}")
+        elif run.step % run.tr.ckpt_every == 0:
+            save_checkpoint(run, "periodic")
+        if m["stop"] and run.step < total:
+            why = "SIGTERM" if run.flags else f"wall-clock cap {run.tr.time_cap_s:.0f} s reached"
+            save_checkpoint(run, why)
+            log(run, f"STOP: {why}; saved at step {run.step}; resume with SPEEDRUN_RESUME={run.id}", console=True)
+            break
+        if kill_at and int(kill_at.split(":")[0]) == run.step:
+            wait_for_checkpoint(run)  # deterministic fault injection: a write in flight lands first
+            os.kill(os.getpid(), getattr(signal, "SIG" + kill_at.split(":")[1]))
+    bar.close()
+    wait_for_checkpoint(run)  # nothing is lost: the last write lands before the run reports
+    if run.loader is not None:
+        run.loader.close()
+    if run.step >= total:
+        wall = time.time() - run.t0 + run.elapsed0
+        log(run, f"done: track:{run.tr.name} steps:{total} wall_s:{wall:.1f} (the clock covers everything after setup: "
+                 f"data, teacher, sample grids, checkpoints)", console=True)
+    if run.rank == 0:
+        run.logf.close()
+    if run.world > 1:
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is written and closed (log, last checkpoint, loader workers, process group): skip the interpreter's
+    # teardown of CUDA state, pinned buffers and compiled-code caches, which took 7-13 s after `done:` on a GPU.
+    os._exit(code)
