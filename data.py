@@ -751,6 +751,9 @@ def main():
     for flag in ("--cache", "--bench"):
         ap.add_argument(flag, action="store_true")
     a = ap.parse_args()
+    bad = [n for n in a.sources if n not in SOURCES]
+    if bad:
+        ap.error(f"unknown source {', '.join(map(repr, bad))}; choose from: {', '.join(SOURCES)}")
     if a.bench:
         return bench()
     for name in a.sources:

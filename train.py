@@ -15,7 +15,9 @@ experiment: every hyperparameter is in the two tables below. Optional env (tests
   SPEEDRUN_KILL_AT      "<step>:TERM" or "<step>:KILL": the process signals itself after that step (fault injection)
 """
 
+import ctypes
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -364,6 +366,10 @@ def setup(env=os.environ, track=None):
                           k=None, teacher=None, projector=None, loader=None, elapsed0=0.0, flags={}, t0=time.time(),
                           writer=None, host_pool={}, peak_measured=float("nan"),
                           cache=Path(env.get("SPEEDRUN_CACHE", HERE / "cache")).resolve())  # data preparation
+    if "TORCHELASTIC_RUN_ID" in env and sys.platform == "linux":  # a torchrun worker must not outlive its launcher
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM (save, exit) when the parent dies
+        if os.getppid() == 1:  # the launcher died before the call above
+            os.kill(os.getpid(), signal.SIGTERM)
     if "RANK" in env:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         run.rank, run.world, local = dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", 0))
@@ -647,15 +653,24 @@ def write_checkpoint(root: Path, step: int, snap: dict):
             shutil.rmtree(old)
 
 
+class CheckpointError(Exception):
+    """A checkpoint could not be written or read; the message says which, why, and what is still intact."""
+
+
 def wait_for_checkpoint(run):
-    """Join the write in flight, if any; log how long it took; re-raise its error (nothing is lost silently)."""
+    """Join the write in flight, if any; log how long it took; raise its error (nothing is lost silently)."""
     job = run.writer
     if job is None:
         return
     job["thread"].join()
     run.writer = None
     if job["error"] is not None:
-        raise RuntimeError(f"writing checkpoint {job['path']} failed") from job["error"]
+        root = job["path"].parent
+        shutil.rmtree(root / f".tmp-{job['path'].name}", ignore_errors=True)  # the partial write, not a checkpoint
+        msg = (f"writing checkpoint {job['path']} failed ({job['error']}); the previous checkpoint "
+               f"{latest_checkpoint(root) or '(none)'} is intact")
+        log(run, f"STOP: {msg}")
+        raise CheckpointError(msg)
     log(run, f"checkpoint_written:{job['path']} write_s:{job['write_s']:.1f}")
 
 
@@ -702,11 +717,38 @@ def matching_groups(sd, names):
     return {"state": {i: v for i, v in sd["state"].items() if i in keep}, "param_groups": groups}
 
 
-def load_checkpoint(run, path: Path):
+def read_checkpoint(path: Path, device) -> tuple:
+    """(weights, EMA, state) of a checkpoint folder, or CheckpointError naming the damaged file."""
+    out = []
+    for name in ("model.safetensors", "ema.safetensors", "state.pt"):
+        try:
+            out.append(load_file(str(path / name), device=str(device)) if name.endswith(".safetensors") else
+                       torch.load(path / name, map_location=device, weights_only=False))
+        except Exception as e:  # noqa: BLE001 (truncated, missing or foreign: the caller falls back or stops)
+            raise CheckpointError(f"{path / name} is damaged ({type(e).__name__}: {str(e)[:120]})") from None
+    return tuple(out)
+
+
+def find_resume_checkpoint(run, rid: str) -> tuple:
+    """The newest readable checkpoint of run `rid`: (path, contents). A damaged one is named and skipped for the
+    previous complete one; none readable stops with one line (never a silent restart from step 0)."""
+    root = checkpoint_dir(run.out, rid)
+    damaged = []
+    for path in sorted(root.glob("step-*"), reverse=True):
+        try:
+            return path, read_checkpoint(path, run.device)
+        except CheckpointError as e:
+            damaged.append(str(e))
+            print(f"train.py: {e}; trying the previous checkpoint", file=sys.stderr)
+    raise SystemExit(f"train.py: no usable checkpoint of run {rid!r} under {root}" +
+                     (f" ({'; '.join(damaged)})" if damaged else ""))
+
+
+def load_checkpoint(run, path: Path, contents: tuple):
     """Weights, EMA, optimizer states, REPA projector, data position, step and clock: the exact next sample and step."""
-    run.model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(run.device)))
-    run.ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(run.device)))
-    s = torch.load(path / "state.pt", map_location=run.device, weights_only=False)
+    weights, ema, s = contents
+    run.model.load_state_dict(weights)
+    run.ema.load_state_dict(ema)
     run.step, run.elapsed0 = s["step"], s["elapsed"]
     torch.set_rng_state(s["rng"].cpu())
     k = stage_at(run.tr, run.step)
@@ -834,16 +876,48 @@ def sample_grid(run):
 # Main loop
 
 
-def main(env=os.environ):
-    run = setup(env)
+def lock_run(run):
+    """One run per run id: rank 0 holds an exclusive lock on checkpoints/<id>/.lock for its whole life (the OS drops
+    it when the process dies, even by SIGKILL); a second run of the same id stops with the holder's pid."""
+    if run.rank != 0:
+        return
+    path = checkpoint_dir(run.out, run.id) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run.lock = open(path, "a+")  # noqa: SIM115 (held open for the whole run)
+    try:
+        fcntl.flock(run.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        run.lock.seek(0)
+        holder = run.lock.read().strip() or "unknown"
+        raise SystemExit(f"train.py: run {run.id!r} is already running (pid {holder} holds {path}); stop it first, "
+                         "or pick another SPEEDRUN_RUN_ID") from None
+    run.lock.truncate(0)
+    run.lock.write(str(os.getpid()))
+    run.lock.flush()
+
+
+def resume_id(env):
+    """SPEEDRUN_RESUME ("latest" or a run id) -> the run id to continue, checked before any setup; None: a new run."""
     resume = env.get("SPEEDRUN_RESUME")
-    if resume:
-        root = run.out / "checkpoints"
-        rid = (max(root.iterdir(), key=lambda d: d.stat().st_mtime).name if resume == "latest" else resume)
-        ckpt = latest_checkpoint(root / rid)
-        if ckpt is None:
-            raise FileNotFoundError(f"no complete checkpoint under {root / rid}")
+    if not resume:
+        return None
+    root = Path(env.get("SPEEDRUN_OUT", ".")).resolve() / "checkpoints"
+    runs = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime) if root.is_dir() else []
+    if resume != "latest" and resume not in {d.name for d in runs}:
+        raise SystemExit(f"train.py: SPEEDRUN_RESUME={resume!r}: no such run under {root} (runs there: "
+                         f"{', '.join(d.name for d in runs[-5:]) or 'none'}; or 'latest')")
+    if not runs:
+        raise SystemExit(f"train.py: SPEEDRUN_RESUME=latest: no run under {root} to resume")
+    return runs[-1].name if resume == "latest" else resume
+
+
+def main(env=os.environ):
+    rid = resume_id(env)
+    run = setup(env)
+    if rid:
         run.id = rid
+        lock_run(run)
+        ckpt, contents = find_resume_checkpoint(run, rid)
     else:
         stamp = f"{run.tr.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         ckpt, rid = None, env.get("SPEEDRUN_RUN_ID") or stamp
@@ -852,6 +926,7 @@ def main(env=os.environ):
             dist.broadcast_object_list(box, src=0)
             rid = box[0]
         run.id = rid
+        lock_run(run)
     if run.rank == 0:
         (run.out / "logs").mkdir(parents=True, exist_ok=True)
         run.logf = open(run.out / "logs" / f"{run.id}.txt", "a")  # noqa: SIM115 (open for the whole run)
@@ -860,7 +935,7 @@ def main(env=os.environ):
         write_header(run)
     else:
         log(run, "resume: " + " ".join(f"{n}:sha256:{sha256(HERE / n)}" for n in ("train.py", "model.py", "data.py")))
-        load_checkpoint(run, ckpt)
+        load_checkpoint(run, ckpt, contents)
     signal.signal(signal.SIGTERM, lambda *_: run.flags.update(sigterm=True))  # SIGTERM: save, then exit cleanly
     kill_at = env.get("SPEEDRUN_KILL_AT", "")
     total = sum(s.steps for s in run.tr.stages)
@@ -915,7 +990,11 @@ def main(env=os.environ):
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except CheckpointError as e:  # e.g. a full disk: one line, the previous checkpoint named (already in the log)
+        print(f"train.py: STOP: {e}", file=sys.stderr)
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     # Everything is written and closed (log, last checkpoint, loader workers, process group): skip the interpreter's

@@ -1,0 +1,155 @@
+"""Bad input ends in one short line naming the bad value (no traceback); one run per run directory (a lock the OS
+drops when its holder dies); torchrun workers do not outlive their launcher; a full disk or a damaged checkpoint
+never loses the previous checkpoint nor silently restarts a run from step 0."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from test_train import cpu_env, env_for, main_in_process
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def short_error(r, *names):
+    """Non-zero exit, at most 3 lines, no traceback, every name in the message."""
+    err = r.stderr.strip()
+    assert r.returncode != 0, err
+    assert "Traceback" not in err and len(err.splitlines()) <= 3, err
+    for name in names:
+        assert name in err, (name, err)
+
+
+def run_py(args, out, timeout=120, **env):
+    return subprocess.run([sys.executable, *args], env=env_for(out, **env), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    """A record folder whose metrics.json is malformed; a checkpoint folder whose ema.safetensors is truncated."""
+    d = tmp_path_factory.mktemp("bad")
+    (d / "record").mkdir()
+    (d / "record" / "metrics.json").write_text('{"track": "cpu", "fid": ')
+    ck = d / "step-00000001"
+    ck.mkdir()
+    (ck / "config.json").write_text(json.dumps({"model": {}, "text_encoder": "cpu_track"}))
+    (ck / "ema.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": {\"dtype\"")  # cut mid-header
+    return d
+
+
+@pytest.mark.parametrize(("args", "env", "names"), [
+    (["eval.py", "verify", "records/nope"], {}, ["records/nope", "metrics.json"]),
+    (["eval.py", "verify", "{bad}/record"], {}, ["metrics.json", "not valid JSON"]),
+    (["eval.py", "eval", "--track", "cpu", "--ckpt", "/nonexistent"], {}, ["/nonexistent", "does not exist"]),
+    (["eval.py", "--prompt", "hi", "--ckpt", "records"], {}, ["records", "not a checkpoint"]),
+    (["eval.py", "--prompt", "hi", "--ckpt", "{bad}/step-00000001"], {}, ["step-00000001", "damaged"]),
+    (["eval.py", "--prompt", " ", "--ckpt", "records"], {}, ["--prompt", "empty"]),
+    (["eval.py", "eval", "--ckpt", "records", "--num-samples", "0"], {}, ["--num-samples", "'0'"]),
+    (["data.py", "--sources", "nope"], {}, ["'nope'", "mj-llava", "alchemist"]),
+    (["train.py"], {"SPEEDRUN_TRACK": "foo"}, ["SPEEDRUN_TRACK", "'foo'", "record", "cpu"]),
+    (["train.py"], {"SPEEDRUN_RESUME": "nope"}, ["SPEEDRUN_RESUME", "'nope'"]),
+    (["train.py"], {"SPEEDRUN_STEPS_SCALE": "abc"}, ["SPEEDRUN_STEPS_SCALE", "'abc'"]),
+    (["train.py"], {"SPEEDRUN_STEPS_SCALE": "-1"}, ["SPEEDRUN_STEPS_SCALE", "'-1'", "> 0"]),
+])
+def test_bad_input_is_one_short_line(tmp_path, damaged, args, env, names):
+    args = [a.replace("{bad}", str(damaged)) for a in args]
+    short_error(run_py(args, tmp_path, **env), *names)
+
+
+def test_truncated_checkpoint_on_resume_falls_back_to_the_previous_one(tmp_path):
+    env = cpu_env(tmp_path, SPEEDRUN_RUN_ID="r", SPEEDRUN_STEPS_SCALE="0.005")  # 1 / 5 / 1 / 1 steps
+    assert main_in_process(env) == 0
+    root = tmp_path / "checkpoints" / "r"
+    last = train.latest_checkpoint(root)
+    earlier = root / "step-00000001"  # a complete checkpoint, as a run writes one every ckpt_every steps
+    shutil.copytree(last, earlier)
+    size = (last / "model.safetensors").stat().st_size
+    with open(last / "model.safetensors", "r+b") as f:
+        f.truncate(size // 2)
+    r = run_py(["train.py"], tmp_path, SPEEDRUN_RESUME="latest", **{k: env[k] for k in ("SPEEDRUN_STEPS_SCALE",)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{last / 'model.safetensors'} is damaged" in r.stderr and "trying the previous checkpoint" in r.stderr
+    assert f"resumed from {earlier}" in (tmp_path / "logs" / "r.txt").read_text()
+    shutil.rmtree(earlier)  # only the damaged one left: stop with its name, never restart from step 0
+    r = run_py(["train.py"], tmp_path, SPEEDRUN_RESUME="r", SPEEDRUN_STEPS_SCALE="0.005")
+    short_error(r, "no usable checkpoint", "model.safetensors is damaged")
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_says_why(tmp_path, monkeypatch):
+    writes = []
+    real = train.save_file
+
+    def save_file(tensors, path):
+        writes.append(path)
+        if len(writes) > 2:  # the second checkpoint's first file: the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(tensors, path)
+
+    monkeypatch.setattr(train, "save_file", save_file)
+    with pytest.raises(train.CheckpointError, match="No space left on device"):
+        main_in_process(cpu_env(tmp_path, SPEEDRUN_RUN_ID="full", SPEEDRUN_STEPS_SCALE="0.005"))
+    root = tmp_path / "checkpoints" / "full"
+    kept = train.latest_checkpoint(root)
+    assert kept is not None and not list(root.glob(".tmp-*"))
+    train.read_checkpoint(kept, "cpu")  # complete and readable
+    log = (tmp_path / "logs" / "full.txt").read_text()
+    assert f"No space left on device); the previous checkpoint {kept} is intact" in log
+
+
+def test_one_run_per_run_directory(tmp_path):
+    holder = SimpleNamespace(rank=0, out=tmp_path, id="busy")
+    train.lock_run(holder)  # this process holds the lock
+    try:
+        r = run_py(["train.py"], tmp_path, SPEEDRUN_RUN_ID="busy", SPEEDRUN_STEPS_SCALE="0.005")
+        short_error(r, "'busy' is already running", f"pid {os.getpid()}")
+    finally:
+        holder.lock.close()
+    code = ("import os, signal, sys; from types import SimpleNamespace; from pathlib import Path; import train; "
+            f"train.lock_run(SimpleNamespace(rank=0, out=Path({str(tmp_path)!r}), id='dead')); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=60, check=False)
+    assert r.returncode == -signal.SIGKILL
+    again = SimpleNamespace(rank=0, out=tmp_path, id="dead")
+    train.lock_run(again)  # the OS dropped the killed holder's lock
+    again.lock.close()
+
+
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_worker_saves_and_exits_when_its_launcher_is_killed(tmp_path):
+    env = env_for(tmp_path, SPEEDRUN_RUN_ID="orphan", TORCHELASTIC_RUN_ID="test", SPEEDRUN_STEPS_SCALE="1")
+    launcher = ("import subprocess, sys; p = subprocess.Popen([sys.executable, 'train.py']); "
+                "print(p.pid, flush=True); p.wait()")
+    parent = subprocess.Popen([sys.executable, "-c", launcher], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    child = int(parent.stdout.readline())
+    log = tmp_path / "logs" / "orphan.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or log.read_text().count("\nstep:") < 2):
+        time.sleep(0.5)
+    parent.kill()  # SIGKILL: the launcher cannot forward anything
+    parent.wait()
+    deadline = time.time() + 60
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not alive(child)
+    text = log.read_text()
+    assert "STOP: SIGTERM; saved at step" in text
+    assert train.latest_checkpoint(tmp_path / "checkpoints" / "orphan") is not None
