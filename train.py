@@ -729,14 +729,14 @@ def read_checkpoint(path: Path, device) -> tuple:
     return tuple(out)
 
 
-def find_resume_checkpoint(run, rid: str) -> tuple:
-    """The newest readable checkpoint of run `rid`: (path, contents). A damaged one is named and skipped for the
-    previous complete one; none readable stops with one line (never a silent restart from step 0)."""
-    root = checkpoint_dir(run.out, rid)
+def find_resume_checkpoint(out: Path, rid: str) -> tuple:
+    """The newest readable checkpoint of run `rid`: (path, contents on the CPU). A damaged one is named and skipped
+    for the previous complete one; none readable stops with one line (never a silent restart from step 0)."""
+    root = checkpoint_dir(out, rid)
     damaged = []
     for path in sorted(root.glob("step-*"), reverse=True):
         try:
-            return path, read_checkpoint(path, run.device)
+            return path, read_checkpoint(path, "cpu")
         except CheckpointError as e:
             damaged.append(str(e))
             print(f"train.py: {e}; trying the previous checkpoint", file=sys.stderr)
@@ -876,24 +876,26 @@ def sample_grid(run):
 # Main loop
 
 
-def lock_run(run):
+def lock_run(out: Path, run_id: str, rank: int):
     """One run per run id: rank 0 holds an exclusive lock on checkpoints/<id>/.lock for its whole life (the OS drops
-    it when the process dies, even by SIGKILL); a second run of the same id stops with the holder's pid."""
-    if run.rank != 0:
-        return
-    path = checkpoint_dir(run.out, run.id) / ".lock"
+    it when the process dies, even by SIGKILL); a second run of the same id stops with the holder's pid. Returns the
+    open lock file (keep it), None on other ranks."""
+    if rank != 0:
+        return None
+    path = checkpoint_dir(out, run_id) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    run.lock = open(path, "a+")  # noqa: SIM115 (held open for the whole run)
+    f = open(path, "a+")  # noqa: SIM115 (held open for the whole run)
     try:
-        fcntl.flock(run.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        run.lock.seek(0)
-        holder = run.lock.read().strip() or "unknown"
-        raise SystemExit(f"train.py: run {run.id!r} is already running (pid {holder} holds {path}); stop it first, "
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        raise SystemExit(f"train.py: run {run_id!r} is already running (pid {holder} holds {path}); stop it first, "
                          "or pick another SPEEDRUN_RUN_ID") from None
-    run.lock.truncate(0)
-    run.lock.write(str(os.getpid()))
-    run.lock.flush()
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def resume_id(env):
@@ -912,21 +914,19 @@ def resume_id(env):
 
 
 def main(env=os.environ):
-    rid = resume_id(env)
+    out, rank = Path(env.get("SPEEDRUN_OUT", ".")).resolve(), int(env.get("RANK", 0))
+    rid = resume_id(env) or env.get("SPEEDRUN_RUN_ID")
+    lock = lock_run(out, rid, rank) if rid else None  # checked before the minutes of setup
+    ckpt, contents = find_resume_checkpoint(out, rid) if env.get("SPEEDRUN_RESUME") else (None, None)
     run = setup(env)
-    if rid:
-        run.id = rid
-        lock_run(run)
-        ckpt, contents = find_resume_checkpoint(run, rid)
-    else:
-        stamp = f"{run.tr.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        ckpt, rid = None, env.get("SPEEDRUN_RUN_ID") or stamp
-        if run.world > 1:  # one id for all ranks
-            box = [rid]
+    run.lock = lock
+    if rid is None:  # a new id, one for all ranks
+        box = [f"{run.tr.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"]
+        if run.world > 1:
             dist.broadcast_object_list(box, src=0)
-            rid = box[0]
-        run.id = rid
-        lock_run(run)
+        rid = box[0]
+        run.lock = lock_run(out, rid, run.rank)
+    run.id = rid
     if run.rank == 0:
         (run.out / "logs").mkdir(parents=True, exist_ok=True)
         run.logf = open(run.out / "logs" / f"{run.id}.txt", "a")  # noqa: SIM115 (open for the whole run)

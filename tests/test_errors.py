@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from test_train import cpu_env, env_for, main_in_process
@@ -31,7 +30,9 @@ def short_error(r, *names):
 
 
 def run_py(args, out, timeout=120, **env):
-    return subprocess.run([sys.executable, *args], env=env_for(out, **env), cwd=ROOT, capture_output=True, text=True,
+    full = env_for(out)
+    full.update(env)
+    return subprocess.run([sys.executable, *args], env=full, cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, check=False)
 
 
@@ -68,7 +69,7 @@ def test_bad_input_is_one_short_line(tmp_path, damaged, args, env, names):
 
 
 def test_truncated_checkpoint_on_resume_falls_back_to_the_previous_one(tmp_path):
-    env = cpu_env(tmp_path, SPEEDRUN_RUN_ID="r", SPEEDRUN_STEPS_SCALE="0.005")  # 1 / 5 / 1 / 1 steps
+    env = cpu_env(tmp_path, SPEEDRUN_RUN_ID="r", )  # 2 / 10 / 1 / 1 steps
     assert main_in_process(env) == 0
     root = tmp_path / "checkpoints" / "r"
     last = train.latest_checkpoint(root)
@@ -82,7 +83,7 @@ def test_truncated_checkpoint_on_resume_falls_back_to_the_previous_one(tmp_path)
     assert f"{last / 'model.safetensors'} is damaged" in r.stderr and "trying the previous checkpoint" in r.stderr
     assert f"resumed from {earlier}" in (tmp_path / "logs" / "r.txt").read_text()
     shutil.rmtree(earlier)  # only the damaged one left: stop with its name, never restart from step 0
-    r = run_py(["train.py"], tmp_path, SPEEDRUN_RESUME="r", SPEEDRUN_STEPS_SCALE="0.005")
+    r = run_py(["train.py"], tmp_path, SPEEDRUN_RESUME="r", SPEEDRUN_STEPS_SCALE="0.01")
     short_error(r, "no usable checkpoint", "model.safetensors is damaged")
 
 
@@ -98,7 +99,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_why(tmp_path, monkeypa
 
     monkeypatch.setattr(train, "save_file", save_file)
     with pytest.raises(train.CheckpointError, match="No space left on device"):
-        main_in_process(cpu_env(tmp_path, SPEEDRUN_RUN_ID="full", SPEEDRUN_STEPS_SCALE="0.005"))
+        main_in_process(cpu_env(tmp_path, SPEEDRUN_RUN_ID="full"))
     root = tmp_path / "checkpoints" / "full"
     kept = train.latest_checkpoint(root)
     assert kept is not None and not list(root.glob(".tmp-*"))
@@ -108,21 +109,18 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_why(tmp_path, monkeypa
 
 
 def test_one_run_per_run_directory(tmp_path):
-    holder = SimpleNamespace(rank=0, out=tmp_path, id="busy")
-    train.lock_run(holder)  # this process holds the lock
+    holder = train.lock_run(tmp_path, "busy", 0)  # this process holds the lock
     try:
-        r = run_py(["train.py"], tmp_path, SPEEDRUN_RUN_ID="busy", SPEEDRUN_STEPS_SCALE="0.005")
+        r = run_py(["train.py"], tmp_path, SPEEDRUN_RUN_ID="busy", SPEEDRUN_STEPS_SCALE="0.01")
         short_error(r, "'busy' is already running", f"pid {os.getpid()}")
     finally:
-        holder.lock.close()
-    code = ("import os, signal, sys; from types import SimpleNamespace; from pathlib import Path; import train; "
-            f"train.lock_run(SimpleNamespace(rank=0, out=Path({str(tmp_path)!r}), id='dead')); "
+        holder.close()
+    code = ("import os, signal; from pathlib import Path; import train; "
+            f"f = train.lock_run(Path({str(tmp_path)!r}), 'dead', 0); "
             "os.kill(os.getpid(), signal.SIGKILL)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=60, check=False)
     assert r.returncode == -signal.SIGKILL
-    again = SimpleNamespace(rank=0, out=tmp_path, id="dead")
-    train.lock_run(again)  # the OS dropped the killed holder's lock
-    again.lock.close()
+    train.lock_run(tmp_path, "dead", 0).close()  # the OS dropped the killed holder's lock
 
 
 def alive(pid):

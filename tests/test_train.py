@@ -181,7 +181,7 @@ def test_stage_transitions(tmp_path, monkeypatch):
 
 
 def cpu_env(out, **kw):
-    env = env_for(out, SPEEDRUN_STEPS_SCALE="0.01", **kw)  # 3 / 4 / 2 / 1 steps
+    env = env_for(out, SPEEDRUN_STEPS_SCALE="0.01", **kw)  # 2 / 10 / 1 / 1 steps
     env.pop("SPEEDRUN_TRACK")
     return env
 
