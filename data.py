@@ -5,12 +5,14 @@ sharded loader, the frozen T5Gemma text encoder and its embedding cache. CPU tra
 their prompt-adherence checker and an offline MiniLM text encoder, so the whole pipeline runs on a laptop.
 
     python data.py                 # download + prepare SOURCES (progress bars; a second run does nothing)
-    python data.py --cache         # precompute caption embeddings (GPU node, after the download)
-    python data.py --bench         # decode and text-encoder throughput on this machine
+    python data.py --prepare       # training-ready shards: every image decoded and resized once (512, 1024 px)
+    python data.py --cache         # precompute caption embeddings (GPU node, after the download); size, bandwidth
+    python data.py --bench         # the loader's images/s per worker, prepared vs raw, and the format candidates
 """
 import argparse
 import bisect
 import hashlib
+import http.client
 import importlib.util
 import io
 import itertools
@@ -18,10 +20,12 @@ import json
 import os
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -46,8 +50,10 @@ BAD_INPUT = (OSError, ValueError, KeyError, TypeError, SyntaxError, EOFError, pa
 # est_gb: ESTIMATES (image count x ~1 MB), not measured: the hub's file listing gives the exact sizes.
 SOURCES = {
     "mj-llava": {"repo": "brivangl/midjourney-v6-llava", "files": ["data/*.parquet"], "image": "image",
-                 "long": "llava", "short": "prompt", "id": "id", "rows": 986_000, "est_gb": 1000},
-    "alchemist": {"repo": "yandex/alchemist", "files": ["data/*", "*.csv"], "image": "image", "long": "prompt",
+                 "long": "llava", "short": "prompt", "id": "id", "status": "llava_status", "rows": 986_000,
+                 "est_gb": 1000},
+    # only the CSV: the hub repository also lists parquet files, which have no image column
+    "alchemist": {"repo": "yandex/alchemist", "files": ["*.csv"], "image": "image", "long": "prompt",
                   "short": None, "id": "img_key", "url": "url", "rows": 3_350, "est_gb": 4},
     # "flux-generated": {"repo": "lehduong/flux_generated", ...},  "flux-reason": {"repo": "LucasFang/FLUX-Reason-6M", ...}
 }
@@ -103,22 +109,50 @@ def write_manifest(name, folder):
     return man_path
 
 
-def _fetch_url_images(csv_path, out_path, src):
-    """alchemist: fetch each image of the CSV once (kept under images/, so a rerun resumes) into one parquet."""
+USER_AGENT = "prx-speedrun-data/1.0 (+https://github.com; research dataset download)"
+
+
+def fetch_url(url, tries=4, timeout=30, backoff=1.0) -> bytes:
+    """The bytes at url, retried (backoff 1, 2, 4 s) on network errors and partial reads (http.client's
+    IncompleteRead is not an OSError); a 4xx answer is final (a dead link). Raises the last error."""
+    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    for k in range(tries):
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.read()
+        except urllib.error.HTTPError as e:
+            if 400 <= e.code < 500 and e.code != 429:
+                raise
+            err = e
+        except (OSError, http.client.HTTPException) as e:
+            err = e
+        if k < tries - 1:
+            time.sleep(backoff * 2 ** k)
+    raise err
+
+
+def _fetch_url_images(csv_path, out_path, src, fetch=fetch_url):
+    """alchemist: fetch each image of the CSV once (kept under images/, so a rerun resumes) into one parquet;
+    dead links are counted, named (dead_links.txt) and skipped."""
     import pyarrow.csv as pcsv
     from tqdm import tqdm
     (img_dir := Path(out_path).parent / "images").mkdir(exist_ok=True)
-    rows = []
+    rows, dead = [], []
     for r in tqdm(pcsv.read_csv(csv_path).to_pylist(), desc=f"fetch {csv_path.name}"):
         f = img_dir / hashlib.sha1(str(r[src["id"]]).encode()).hexdigest()
         if not f.exists():
             try:
-                f.write_bytes(urllib.request.urlopen(r[src["url"]], timeout=30).read())
-            except OSError as e:
-                print(f"[data] {csv_path} id {r[src['id']]}: fetch failed ({e}); skipped", file=sys.stderr)
+                f.write_bytes(fetch(r[src["url"]]))
+            except Exception as e:  # noqa: BLE001 (any failure of one link: counted and named, the rest goes on)
+                dead.append(f"{r[src['id']]}\t{r[src['url']]}\t{type(e).__name__}: {e}")
                 continue
         rows.append({src["id"]: str(r[src["id"]]), src["long"]: r[src["long"]], src["image"]: f.read_bytes()})
+    if dead:
+        (Path(out_path).parent / "dead_links.txt").write_text("\n".join(dead) + "\n")
+        print(f"[data] {csv_path.name}: {len(dead)} of {len(dead) + len(rows)} links dead or failing, skipped "
+              f"(listed in {Path(out_path).parent / 'dead_links.txt'}; first: {dead[0]})", file=sys.stderr)
     pq.write_table(pa.Table.from_pylist(rows), out_path, row_group_size=256)
+    return len(rows), dead
 
 
 def prepare(name, root=DATA_ROOT):
@@ -132,9 +166,10 @@ def prepare(name, root=DATA_ROOT):
         print(f"{name}: already prepared ({man}, hash {manifest_hash(man)})")
         return man
     snapshot_download(src["repo"], repo_type="dataset", local_dir=folder, allow_patterns=src["files"], max_workers=8)
-    if src.get("url") and not list(folder.rglob("*.parquet")):
+    if src.get("url"):  # images fetched from the CSV's URLs, once
         for csv_path in folder.rglob("*.csv"):
-            _fetch_url_images(csv_path, folder / (csv_path.stem + ".parquet"), src)
+            if not (folder / (csv_path.stem + ".parquet")).exists():
+                _fetch_url_images(csv_path, folder / (csv_path.stem + ".parquet"), src)
     man = write_manifest(name, folder)
     ids = ParquetSource(folder, **{k: src[k] for k in ("image", "long", "short", "id")}, split="heldout").heldout_ids
     HELDOUT_DIR.mkdir(exist_ok=True)
@@ -482,17 +517,34 @@ def decode_image(data, res) -> torch.Tensor:
 
 
 # ============================================================ Parquet source (the downloaded shards as they are)
+class Block(NamedTuple):
+    """The read unit: <= block_rows consecutive rows of one row group (a shard written as one huge row group is
+    read in bounded pieces)."""
+    file: int  # index into ParquetSource.files
+    group: int  # row group inside that file
+    first: int  # global row of its first row
+    rows: int
+    offset: int  # row of its first row inside the file
+    skip: int  # rows of the row group before it
+
+
 class ParquetSource:
     """Rows of the parquet shards under `root` (sorted; global row = position in that order). Shards that
-    cannot be read or lack a column are skipped at start with a message. Row groups are the read unit."""
+    cannot be read or lack a column are skipped at start with a message. Reads stream pages (no pre-buffering) in
+    blocks of <= block_rows rows, so memory is bounded by a block and a page whatever the shards' row groups.
+    With `prepared` (a folder written by prepare_images), images and captions come from the training-ready
+    shards instead: same rows, order, held-out rule and bad-row accounting, no resize at load time."""
 
-    def __init__(self, root, image="image", long="llava", short="prompt", id="id", split="train",
-                 window_rows=2048, cache_blocks=8):
-        files = [Path(root)] if Path(root).is_file() else sorted(Path(root).rglob("*.parquet"))
+    def __init__(self, root, image="image", long="llava", short="prompt", id="id", status=None, split="train",
+                 window_rows=2048, block_rows=256, prepared=None):
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(f for f in root.rglob("*.parquet")
+                                                      if not f.relative_to(root).parts[0].startswith("prepared-"))
         self.cols = [c for c in (image, long, short) if c]
         self.image, self.long, self.short, self.split = image, long, short, split
-        self.window_rows, self.cache_blocks = window_rows, cache_blocks
+        self.window_rows, self.block_rows, self.cache_blocks = window_rows, block_rows, -(-window_rows // block_rows)
         self.files, self.bad, blocks, keep, self.heldout_ids, sizes = [], [], [], [], [], []
+        self.status = None
         for f in files:
             try:
                 pf = pq.ParquetFile(f)
@@ -502,6 +554,7 @@ class ParquetSource:
                     raise ValueError(f"missing column(s) {missing}, has {names}")
                 ids = pf.read(columns=[id]).column(0).to_pylist() if id in names else \
                     [f"{f.name}:{k}" for k in range(pf.metadata.num_rows)]
+                self.status = self.status or (status if status in names else None)
             except BAD_INPUT as e:
                 self.bad.append(f"{f}: shard skipped ({type(e).__name__}: {e})")
                 print(f"[data] {self.bad[-1]}", file=sys.stderr)
@@ -512,21 +565,31 @@ class ParquetSource:
             off = 0
             for rg in range(pf.num_row_groups):
                 n = pf.metadata.row_group(rg).num_rows
-                blocks.append((len(self.files), rg, sum(sizes) + off, n, off))
+                for k in range(0, n, block_rows):
+                    blocks.append(Block(len(self.files), rg, sum(sizes) + off + k, min(block_rows, n - k), off + k, k))
                 off += n
             self.files.append(str(f))
             sizes.append(pf.metadata.num_rows)
         self.blocks, self.keep = blocks, np.array(keep, bool)
-        self.first = np.array([b[2] for b in blocks], np.int64)
+        self.first = np.array([b.first for b in blocks], np.int64)
         self.total_rows, self.num_rows = int(sum(sizes)), int(self.keep.sum())
         self.fingerprint = hashlib.sha256(json.dumps([[Path(f).name, n] for f, n in zip(self.files, sizes)])
                                           .encode()).hexdigest()[:16]
         self._lru = OrderedDict()
+        self.prepared = None
+        if prepared is not None:
+            meta = json.loads((Path(prepared) / "meta.json").read_text())
+            if meta["fingerprint"] != self.fingerprint:
+                raise RuntimeError(f"{prepared} was prepared from other shards; run `python data.py --prepare` again")
+            self.prepared, self.prepared_meta = Path(prepared), meta
 
     @classmethod
-    def from_name(cls, name, root=DATA_ROOT, **kw):
-        src = SOURCES[name]
-        return cls(Path(root) / name, **{k: src[k] for k in ("image", "long", "short", "id")}, **kw)
+    def from_name(cls, name, root=DATA_ROOT, res=None, **kw):
+        """A SOURCES entry; with `res`, its training-ready shards at that resolution when they were prepared."""
+        src, folder = SOURCES[name], Path(root) / name
+        ready = folder / f"prepared-{res}"
+        kw.setdefault("prepared", ready if res and (ready / "meta.json").exists() else None)
+        return cls(folder, **{k: src[k] for k in ("image", "long", "short", "id")}, status=src.get("status"), **kw)
 
     def order(self, seed, epoch):
         """Rows of one epoch: row groups in a seeded order, rows shuffled within windows of ~window_rows."""
@@ -539,43 +602,80 @@ class ParquetSource:
                 out, group = out + [rng.permutation(np.concatenate(group))], []
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
-    def _block(self, bi, cols):
-        key = (bi, tuple(cols))
+    def _cached(self, key, read):
         if key not in self._lru:
-            fi, rg = self.blocks[bi][:2]
-            try:
-                self._lru[key] = pq.ParquetFile(self.files[fi]).read_row_group(rg, columns=cols)
-            except BAD_INPUT as e:
-                raise SampleError(f"{self.files[fi]} row group {rg}: unreadable ({type(e).__name__}: {e})") from e
+            self._lru[key] = read()
             if len(self._lru) > self.cache_blocks:
                 self._lru.popitem(last=False)
         self._lru.move_to_end(key)
         return self._lru[key]
 
+    def _block(self, bi, cols):
+        """Rows of block bi: the row group's pages streamed (pre_buffer off) up to the block, never the whole group."""
+        b = self.blocks[bi]
+
+        def read():
+            parts, seen = [], 0
+            pf = pq.ParquetFile(self.files[b.file], pre_buffer=False, buffer_size=1 << 20)
+            for batch in pf.iter_batches(batch_size=self.block_rows, row_groups=[b.group], columns=cols,
+                                         use_threads=False):
+                lo, hi = max(b.skip - seen, 0), min(b.skip + b.rows - seen, batch.num_rows)
+                if hi > lo:
+                    parts.append(batch.slice(lo, hi - lo))
+                seen += batch.num_rows
+                if seen >= b.skip + b.rows:
+                    break
+            return pa.Table.from_batches(parts)
+        try:
+            return self._cached((bi, tuple(cols)), read)
+        except BAD_INPUT as e:
+            raise SampleError(f"{self.files[b.file]} row group {b.group}: unreadable ({type(e).__name__}: {e})") from e
+
+    def captions(self, t, k):
+        """(long, short) of row k of a block's table; a long caption whose generation failed (the source's status
+        column, e.g. mj-llava's llava_status) is None, so the short prompt is used (counted by the loader)."""
+        long = t.column(self.long)[k].as_py()
+        if self.status and "fail" in str(t.column(self.status)[k].as_py()).lower():
+            long = None
+        return long, (t.column(self.short)[k].as_py() if self.short else None)
+
     def load(self, row, res):
+        if self.prepared is not None:
+            return self._load_prepared(row, res)
         bi = int(np.searchsorted(self.first, row, side="right")) - 1
-        fi, _, first, _, off = self.blocks[bi]
-        t, k = self._block(bi, self.cols), row - first
+        b = self.blocks[bi]
+        t, k = self._block(bi, self.cols + ([self.status] if self.status else [])), row - b.first
         try:
             v = t.column(self.image)[k].as_py()
             img = decode_image((v.get("bytes") if isinstance(v, dict) else v) or b"", res)  # None -> error
         except BAD_INPUT as e:
-            raise SampleError(f"{self.files[fi]} row {off + k}: bad image ({type(e).__name__}: {e})") from e
-        long = t.column(self.long)[k].as_py()
-        short = t.column(self.short)[k].as_py() if self.short else None
-        return img, long, short
+            raise SampleError(f"{self.files[b.file]} row {b.offset + k}: bad image ({type(e).__name__}: {e})") from e
+        return (img, *self.captions(t, k))
+
+    def _load_prepared(self, row, res):
+        m = self.prepared_meta
+        if res != m["res"]:
+            raise ValueError(f"{self.prepared} holds {m['res']} px images, the stage asks for {res} px")
+        f, g, k = row // m["file_rows"], (row % m["file_rows"]) // m["group_rows"], row % m["group_rows"]
+        path = self.prepared / f"part-{f * m['file_rows']:09d}.parquet"
+        t = self._cached(("prepared", f, g), lambda: pq.ParquetFile(path).read_row_group(g))
+        v = t.column("image")[k].as_py()
+        if not v:  # the raw row could not be decoded at preparation: the same SampleError as the raw path
+            raise SampleError(f"prepared row {row}: bad image at preparation ({t.column('error')[k].as_py()})")
+        img = torch.from_numpy(np.asarray(Image.open(io.BytesIO(v)).convert("RGB")).copy()).permute(2, 0, 1)
+        return img, t.column("long")[k].as_py(), t.column("short")[k].as_py()
 
     def iter_captions(self):
         """(global row, long, short) of every row of every readable shard, held-out rows included."""
-        cols = [c for c in (self.long, self.short) if c]
-        for bi, (_, _, first, n, _) in enumerate(self.blocks):
+        cols = [c for c in (self.long, self.short, self.status) if c]
+        for bi, b in enumerate(self.blocks):
             try:
                 t = self._block(bi, cols)
             except SampleError as e:  # its rows get the encoding of "" (they are never served anyway)
                 print(f"[data] {e}", file=sys.stderr)
-                t = pa.table({c: [None] * n for c in cols})
-            yield from zip(range(first, first + n), t.column(self.long).to_pylist(),
-                           t.column(self.short).to_pylist() if self.short else [None] * n)
+                t = pa.table({c: [None] * b.rows for c in cols})
+            for k in range(b.rows):
+                yield (b.first + k, *self.captions(t, k))
 
 
 class MixSource:
@@ -584,6 +684,10 @@ class MixSource:
     row-group locality is kept. Rows of b are numbered after a's."""
 
     def __init__(self, a, b, frac):
+        for name, src in (("first", a), ("second", b)):
+            if src.num_rows == 0:  # e.g. a parquet without an image column: nothing to mix in
+                raise ValueError(f"the mixture's {name} source has no usable rows"
+                                 f"{': ' + '; '.join(src.bad[:3]) if src.bad else ''}")
         self.a, self.b, self.frac, self.bad = a, b, frac, a.bad + b.bad
         self.n_b = round(frac / (1 - frac) * a.num_rows)
         self.num_rows, self.total_rows = a.num_rows + self.n_b, a.total_rows + b.total_rows
@@ -600,6 +704,75 @@ class MixSource:
 
 
 MIXES = {"sft-mix": ("mj-llava", "alchemist", 0.05)}  # stage 4: 5 % curated pairs (a guess, not tuned)
+
+
+class MixCache:
+    """The caption cache of a MixSource: its rows of `a` from a's cache, the rows after them from b's."""
+
+    def __init__(self, a, b, offset):
+        self.a, self.b, self.offset = a, b, offset
+
+    def get(self, kind, row):
+        return self.a.get(kind, row) if row < self.offset else self.b.get(kind, row - self.offset)
+
+
+def text_cache_dir(source):
+    """Where `python data.py --cache` put a source's caption embeddings: a folder, (folder, folder) for a
+    mixture, or None when a part has no cache (the stage then encodes live)."""
+    names = MIXES[source][:2] if source in MIXES else (source,)
+    dirs = tuple(DATA_ROOT / n / "cache" for n in names)
+    if not all((d / "meta.json").exists() for d in dirs):
+        return None
+    return dirs if source in MIXES else dirs[0]
+
+
+def open_text_cache(source, cache_dir):
+    if isinstance(source, MixSource):
+        return MixCache(TextCache(cache_dir[0], source.a.fingerprint), TextCache(cache_dir[1], source.b.fingerprint),
+                        source.a.total_rows)
+    return TextCache(cache_dir, source.fingerprint)
+
+
+# ============================================================ Training-ready shards (data preparation, once)
+PREPARED_QUALITY = 95  # JPEG q95, 4:4:4 chroma: the prepared format (the candidates: `python data.py --bench`)
+
+
+def prepare_images(src: ParquetSource, res, out_dir, file_rows=4096, group_rows=64):
+    """Decode, centre-crop and resize every row of `src` once to `res` and write it as JPEG q95 into parquet files
+    of file_rows rows in row groups of group_rows (bounded reads), with both captions; global row numbering kept,
+    so order, resume, rank split and held-out rule are those of the raw source. Undecodable rows are written empty
+    with their error (the loader skips and counts them as on the raw path). Resumes file by file."""
+    from tqdm import tqdm
+    (out := Path(out_dir)).mkdir(parents=True, exist_ok=True)
+    meta = {"fingerprint": src.fingerprint, "res": res, "format": f"jpeg-q{PREPARED_QUALITY}",
+            "file_rows": file_rows, "group_rows": group_rows}
+    if (out / "meta.json").exists() and json.loads((out / "meta.json").read_text()) != meta:
+        raise RuntimeError(f"{out} holds other prepared data; use a new folder")
+    (out / "meta.json").write_text(json.dumps(meta))
+    bar = tqdm(total=src.total_rows, desc=f"prepare {res} px", unit="img")
+    for start in range(0, src.total_rows, file_rows):
+        path = out / f"part-{start:09d}.parquet"
+        if path.exists():
+            bar.update(min(file_rows, src.total_rows - start))
+            continue
+        rows = {"image": [], "long": [], "short": [], "error": []}
+        for row in range(start, min(start + file_rows, src.total_rows)):
+            try:
+                img, long, short = src.load(row, res)
+                Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf := io.BytesIO(), "JPEG",
+                                                                   quality=PREPARED_QUALITY, subsampling=0)
+                data, err = buf.getvalue(), None
+            except SampleError as e:
+                data, err, (long, short) = b"", str(e), (None, None)
+            for k, v in zip(rows, (data, long, short, err)):
+                rows[k].append(v)
+            bar.update(1)
+        table = pa.table({"image": pa.array(rows["image"], pa.binary()), "long": pa.array(rows["long"], pa.string()),
+                          "short": pa.array(rows["short"], pa.string()), "error": pa.array(rows["error"], pa.string())})
+        pq.write_table(table, str(path) + ".tmp", row_group_size=group_rows, write_batch_size=group_rows)
+        os.replace(str(path) + ".tmp", path)
+    bar.close()
+    return out
 
 
 # ============================================================ Loader: deterministic, sharded, resumable
@@ -627,7 +800,7 @@ class _Stream(IterableDataset):
         return int(self._epoch[1][k])
 
     def make_batch(self, b, cache=None):
-        out, kinds = {"image": [], "caption": [], "index": [], "row": [], "short": [], "skipped": 0}, []
+        out, kinds = {"image": [], "caption": [], "index": [], "row": [], "short": [], "skipped": 0, "fallback": 0}, []
         for j in range(self.B):
             p = (b * self.B + j) * self.world + self.rank
             row = self._row(p)
@@ -639,6 +812,7 @@ class _Stream(IterableDataset):
                 continue
             u = self.p_short > 0 and np.random.default_rng([self.seed, p, 1]).random() < self.p_short  # per sample
             text, kind = pick_caption(long, short, u)
+            out["fallback"] += kind == "short" and not u  # the long caption is missing or failed: the short one
             for key, v in (("image", img), ("caption", text), ("index", p), ("row", row), ("short", kind == "short")):
                 out[key].append(v)
             kinds.append(kind)
@@ -654,7 +828,7 @@ class _Stream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
-        cache = TextCache(self.cache_dir, self.source.fingerprint) if self.cache_dir else None
+        cache = open_text_cache(self.source, self.cache_dir) if self.cache_dir else None  # read in the workers
         for b in itertools.count(self.start + w, nw):
             yield self.make_batch(b, cache)
 
@@ -668,6 +842,7 @@ class Loader:
             source, batch_size * world, seed
         self.num_workers, self.cache_dir, self.batch, self.skipped = num_workers, cache_dir, 0, 0
         self.live = None  # the DataLoader iterator that owns the worker processes
+        self.fallbacks = 0  # rows served with the short caption because the long one was missing or failed
 
     def __iter__(self):
         self.close()  # one pool of workers per loader
@@ -676,6 +851,7 @@ class Loader:
         self.live = iter(dl)
         for batch in self.live:
             self.batch, self.skipped = self.batch + 1, self.skipped + batch.pop("skipped")
+            self.fallbacks += batch.pop("fallback")
             yield batch
 
     def close(self):
@@ -688,12 +864,13 @@ class Loader:
 
     def state_dict(self):
         return {"position": self.batch * self.G, "seed": self.seed, "skipped": self.skipped,
-                "bad_files": len(getattr(self.source, "bad", []))}
+                "caption_fallbacks": self.fallbacks, "bad_files": len(getattr(self.source, "bad", []))}
 
     def load_state_dict(self, sd):
         if sd["seed"] != self.seed or sd["position"] % self.G:
             raise ValueError(f"cannot resume {sd} with global batch {self.G} and seed {self.seed}")
         self.batch, self.skipped = sd["position"] // self.G, sd["skipped"]
+        self.fallbacks = sd.get("caption_fallbacks", 0)
 
 
 def make_loader(source, res, batch_size, rank, world, seed, caption_policy=("long", 0.0), num_workers=0,
@@ -701,9 +878,9 @@ def make_loader(source, res, batch_size, rank, world, seed, caption_policy=("lon
     """source: SceneDataset | ParquetSource | MixSource | a SOURCES or MIXES name (under DATA_ROOT) | "scenes"."""
     if isinstance(source, str) and source in MIXES:
         a, b, frac = MIXES[source]
-        source = MixSource(ParquetSource.from_name(a, DATA_ROOT), ParquetSource.from_name(b, DATA_ROOT), frac)
+        source = MixSource(ParquetSource.from_name(a, DATA_ROOT, res), ParquetSource.from_name(b, DATA_ROOT, res), frac)
     elif isinstance(source, str):
-        source = SceneDataset(seed) if source == "scenes" else ParquetSource.from_name(source, DATA_ROOT)
+        source = SceneDataset(seed) if source == "scenes" else ParquetSource.from_name(source, DATA_ROOT, res)
     if cache_dir is not None and source.num_rows is None:
         raise ValueError("the caption cache needs a finite ParquetSource (scenes are encoded live)")
     return Loader(source, res, batch_size, rank, world, seed, caption_policy, num_workers, cache_dir)
@@ -721,26 +898,76 @@ def _photo_like_jpeg(rng, w, h, quality=90):
     return buf.getvalue()
 
 
-def bench():
-    rng = np.random.default_rng(0)  # 24 photo-like JPEGs, 1024-1536 px
-    jpegs = [_photo_like_jpeg(rng, int(rng.integers(1024, 1537)), int(rng.integers(1024, 1537))) for _ in range(24)]
-    print(f"JPEG inputs: {len(jpegs)} files, 1024-1536 px, mean {np.mean([len(j) for j in jpegs]) / 1e6:.2f} MB")
-    for res in (512, 1024):
-        t = time.perf_counter()
-        for j in jpegs * 2:
-            decode_image(j, res)
-        print(f"decode+resize+crop to {res} px: {2 * len(jpegs) / (time.perf_counter() - t):.1f} images/s per worker")
-    enc, ds = TextEncoder.cpu_track(), SceneDataset(0)
-    caps = [ds.scene(i).long_caption for i in range(256)]
-    enc.encode(caps[:8])
-    t = time.perf_counter()
-    for i in range(0, len(caps), 64):
-        enc.encode(caps[i:i + 64])
-    dt, mean_len = (time.perf_counter() - t) / len(caps), np.mean([len(x) for x in enc.tok(caps)["input_ids"]])
-    print(f"MiniLM (CPU track) text encoder: {dt * 1e3:.2f} ms per caption (batch 64, {torch.get_num_threads()} "
-          f"threads); scene long captions {mean_len:.1f} tokens -> cache {mean_len * enc.dim * 2 / 1e3:.1f} GB "
-          f"per million captions (bf16, width {enc.dim}, measured mean length)")
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; {T5GEMMA}: not measured (the 2B checkpoint cannot be downloaded here).")
+def _encode(img: torch.Tensor, fmt) -> bytes:
+    if fmt == "raw":
+        return img.numpy().tobytes()
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf := io.BytesIO(), fmt.split("-")[0].upper(),
+                                                       **({"quality": 95} if "q95" in fmt else {}),
+                                                       **({"subsampling": 0} if fmt.startswith("jpeg") else {}))
+    return buf.getvalue()
+
+
+def _decode(data: bytes, fmt, res) -> torch.Tensor:
+    if fmt == "raw":
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(3, res, res)
+    return torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def bench(n=48):
+    """Per-worker (one thread) throughput of the loader's image path on photo-like JPEGs of 1024-1536 px: the raw
+    shards (decode + resize + crop per sample) against the prepared ones, and the candidate prepared formats."""
+    import tempfile
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    jpegs = [_photo_like_jpeg(rng, int(rng.integers(1024, 1537)), int(rng.integers(1024, 1537))) for _ in range(n)]
+    print(f"inputs: {n} photo-like JPEGs, 1024-1536 px, mean {np.mean([len(j) for j in jpegs]) / 1e6:.2f} MB")
+    with tempfile.TemporaryDirectory() as d:
+        pq.write_table(pa.table({"id": [str(i) for i in range(n)], "image": jpegs, "llava": ["a long caption"] * n,
+                                 "prompt": ["short"] * n}), f"{d}/raw.parquet", row_group_size=16)
+        for res in (512, 1024):
+            imgs = [decode_image(j, res) for j in jpegs[:16]]
+            for fmt in ("jpeg-q95", "png", "webp-q95", "raw"):
+                blobs = [_encode(im, fmt) for im in imgs]
+                t = time.perf_counter()
+                for b in blobs:
+                    _decode(b, fmt, res)
+                size = np.mean([len(b) for b in blobs])
+                print(f"format {fmt:9s} {res:4d} px: decode {len(blobs) / (time.perf_counter() - t):7.1f} img/s, "
+                      f"{size / 1e3:6.0f} KB per image = {size / 1e3:.0f} GB per million images")
+        for res in (512, 1024):
+            raw = ParquetSource(f"{d}/raw.parquet")
+            ready = ParquetSource(f"{d}/raw.parquet", prepared=prepare_images(raw, res, f"{d}/prepared-{res}"))
+            rate = {}
+            for name, src in (("prepared", ready), ("raw", raw)):
+                src.load(0, res)
+                t = time.perf_counter()
+                for r in range(n):
+                    src.load(r, res)
+                rate[name] = n / (time.perf_counter() - t)
+            print(f"loader {res} px: prepared {rate['prepared']:.1f} img/s per worker, raw {rate['raw']:.1f} img/s "
+                  "per worker")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (figures are per process, one thread)")
+
+
+# img/s per GPU of the record track's stages (train.py's loop on one H100, records/gpu-checks/2026-11-26)
+RECORD_RATES = {"burn-in 512 px": 273, "main 512 px": 290, "high-res 1024 px": 150, "sft 1024 px": 71}
+
+
+def cache_report(folder, gpus=8):
+    """Size of a caption cache and the read bandwidth that `gpus` GPUs need at each record stage."""
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    files = list(Path(folder).glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    from safetensors import safe_open
+    rows = 0
+    for f in Path(folder).glob("long-*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            rows += h.get_slice("offsets").get_shape()[0] - 1
+    per = size / max(2 * rows, 1)  # bytes per caption (long and short)
+    print(f"{folder}: {size / 1e9:.2f} GB, {rows} rows x 2 captions, {per / 1e3:.1f} KB per caption "
+          f"(width {meta['dim']}, bf16)")
+    for stage, rate in RECORD_RATES.items():
+        print(f"  {stage}: {gpus} GPUs x {rate} img/s need {gpus * rate * per / 1e6:.1f} MB/s of cache reads")
 
 
 def main():
@@ -748,7 +975,7 @@ def main():
     ap.add_argument("--sources", nargs="*", default=["mj-llava", "alchemist"])
     ap.add_argument("--root", default=str(DATA_ROOT))
     ap.add_argument("--encoder", default=T5GEMMA)
-    for flag in ("--cache", "--bench"):
+    for flag in ("--cache", "--bench", "--prepare"):
         ap.add_argument(flag, action="store_true")
     a = ap.parse_args()
     bad = [n for n in a.sources if n not in SOURCES]
@@ -758,11 +985,15 @@ def main():
         return bench()
     for name in a.sources:
         prepare(name, a.root)
+    if a.prepare:  # training-ready shards at each record-track resolution
+        for name in a.sources:
+            for res in (512, 1024):
+                prepare_images(ParquetSource.from_name(name, a.root), res, Path(a.root) / name / f"prepared-{res}")
     if a.cache:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         enc = TextEncoder(a.encoder, device=dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
         for name in a.sources:
-            build_cache(ParquetSource.from_name(name, a.root), enc, Path(a.root) / name / "cache")
+            cache_report(build_cache(ParquetSource.from_name(name, a.root), enc, Path(a.root) / name / "cache"))
 
 
 if __name__ == "__main__":

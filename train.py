@@ -452,6 +452,9 @@ def enter_stage(run, k, loader_state=None):
         log(run, "repa: off; teacher freed, projector removed from the optimizer")
     if run.loader is not None:  # the previous stage's worker processes end here, not at interpreter exit
         run.loader.close()
+        sd = run.loader.state_dict()
+        log(run, f"data: rows skipped (bad) {sd['skipped']}, long caption missing or failed (short used) "
+                 f"{sd['caption_fallbacks']}, shards skipped {sd['bad_files']}")
     per = st.batch // run.world
     if st.batch % run.world:
         raise ValueError(f"global batch {st.batch} is not divisible by world size {run.world}")
@@ -459,8 +462,7 @@ def enter_stage(run, k, loader_state=None):
     while per % run.accum:
         run.accum += 1
     run.micro = per // run.accum
-    cache = data.DATA_ROOT / st.source / "cache"  # caption embeddings precomputed by `python data.py --cache`
-    cache = cache if st.source != "scenes" and (cache / "meta.json").exists() else None
+    cache = data.text_cache_dir(st.source) if st.source != "scenes" else None  # `python data.py --cache`
     source = st.source
     if st.source == "scenes" and tr.scene_pool:  # the pool and its caption cache, built in setup
         source, cache = data.SceneDataset(tr.seed, tr.scene_pool), scene_cache_dir(run)
