@@ -49,26 +49,27 @@ def cell_name(variant, seed):
     return f"{variant}-seed{seed}"
 
 
-def train_cell(variant, seed, out: Path) -> Path:
+def train_cell(variant, seed, runs: Path) -> Path:
     """Trains one cell with the README's command (resuming a cut-off run); returns its log."""
     name = cell_name(variant, seed)
     env = dict(os.environ, SPEEDRUN_TRACK="cpu", SPEEDRUN_VARIANT=variant, SPEEDRUN_SEED=str(seed),
-               SPEEDRUN_OUT=str(out / "runs"), SPEEDRUN_RUN_ID=name)
-    if train.latest_checkpoint(out / "runs" / "checkpoints" / name):
+               SPEEDRUN_OUT=str(runs), SPEEDRUN_RUN_ID=name)
+    if train.latest_checkpoint(runs / "checkpoints" / name):
         env["SPEEDRUN_RESUME"] = name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=auto",
            str(HERE / "train.py")]
-    with open(out / f"{name}.train.txt", "a") as console:
+    runs.mkdir(parents=True, exist_ok=True)
+    with open(runs / f"{name}.console.txt", "a") as console:
         subprocess.run(cmd, env=env, cwd=HERE, stdout=console, stderr=subprocess.STDOUT, check=True)
-    return out / "runs" / "logs" / f"{name}.txt"
+    return runs / "logs" / f"{name}.txt"
 
 
-def score_cell(variant, seed, out: Path, log: Path) -> dict:
+def score_cell(variant, seed, runs: Path, log: Path) -> dict:
     """CPU-protocol evaluation of the cell's final EMA weights, plus the log's wall clock, img/s and val loss."""
     import eval as evaluation
 
     name = cell_name(variant, seed)
-    ckpt = train.latest_checkpoint(out / "runs" / "checkpoints" / name)
+    ckpt = train.latest_checkpoint(runs / "checkpoints" / name)
     model, enc = evaluation.load_checkpoint(ckpt)
     m = evaluation.evaluate(model, enc, "cpu", progress=False)
     text = log.read_text()
@@ -135,7 +136,8 @@ def plot(summ, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(HERE / "records" / "cpu" / "ablations"), help="cell results and runs")
+    p.add_argument("--out", default=str(HERE / "records" / "cpu" / "ablations"), help="cell results (JSON)")
+    p.add_argument("--runs", default=str(HERE / "cache" / "ablation-runs"), help="logs and checkpoints of the cells")
     p.add_argument("--status", action="store_true", help="list the cells and which are done")
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -148,9 +150,9 @@ def main(argv=None):
     for i, (v, s) in enumerate(todo):
         t0 = time.time()
         print(f"[{len(cells()) - len(todo) + i + 1}/{len(cells())}] {cell_name(v, s)}: training", flush=True)
-        log = train_cell(v, s, out)
+        log = train_cell(v, s, Path(a.runs))
         print("    evaluating (CPU protocol, N = 1000)", flush=True)
-        r = score_cell(v, s, out, log)
+        r = score_cell(v, s, Path(a.runs), log)
         r["cell_s"] = time.time() - t0
         (out / f"{cell_name(v, s)}.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
         print(f"    FID {r['fid']:.1f}  held {r['held']:.1f} %  train {r['train']:.1f} %  wall {r['wall_s']:.0f} s  "

@@ -80,24 +80,24 @@ def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
     row = {"fid": 100.0, "held": 20.0, "train": 30.0, "val_loss": 0.1, "img_s": 90.0, "wall_s": 500.0, "cell_s": 600}
     (out / f"{ablate.cell_name(*done)}.json").write_text(json.dumps(dict(row, variant=done[0], seed=done[1])))
 
-    def fake_train(v, s, out):
+    def fake_train(v, s, runs):
         calls.append((v, s))
         if len(calls) == cut_at[0]:
             raise TimeoutError("cut off")  # the run is cut off during its third cell
-        return out / "log"
+        return runs / "log"
 
-    def fake_score(v, s, out, log):
+    def fake_score(v, s, runs, log):
         return dict(row, variant=v, seed=s, fid=100.0 + s)
 
     monkeypatch.setattr(ablate, "train_cell", fake_train)
     monkeypatch.setattr(ablate, "score_cell", fake_score)
     with pytest.raises(TimeoutError):
-        ablate.main(["--out", str(out)])
+        ablate.main(["--out", str(out), "--runs", str(tmp_path / "runs")])
     assert len(list(out.glob("*.json"))) == 3  # two new cells + the one done before
     first = list(calls)
     calls.clear()
     cut_at[0] = None
-    ablate.main(["--out", str(out)])
+    ablate.main(["--out", str(out), "--runs", str(tmp_path / "runs")])
     assert calls[0] == first[-1] and set(first[:2]).isdisjoint(calls) and done not in calls
     assert len(calls) == len(ablate.cells()) - 3 and len(ablate.cells()) == 17
     table = (tmp_path / "ABLATIONS.md").read_text()

@@ -75,7 +75,7 @@ def test_single_row_group_shard_is_read_in_bounded_blocks(tmp_path):
     assert int(peak) < 15e6, f"{int(peak) / 1e6:.1f} MB of Arrow memory for a 16-row block"
 
 
-def test_mixture_reads_cached_text_for_both_sources(tmp_path, monkeypatch):
+def test_mixture_reads_cached_text_for_both_sources(tmp_path, monkeypatch, capsys):
     rng = np.random.default_rng(2)
     monkeypatch.setattr(data, "DATA_ROOT", tmp_path)
     (tmp_path / "mj-llava").mkdir(), (tmp_path / "alchemist").mkdir()
@@ -87,6 +87,10 @@ def test_mixture_reads_cached_text_for_both_sources(tmp_path, monkeypatch):
     assert data.text_cache_dir("sft-mix") is None  # no cache yet: the stage encodes live
     for name in ("mj-llava", "alchemist"):
         data.build_cache(data.ParquetSource.from_name(name, tmp_path), enc, tmp_path / name / "cache", batch_size=16)
+    data.cache_report(tmp_path / "mj-llava" / "cache")
+    report = capsys.readouterr().out.splitlines()
+    assert "40 rows x 2 captions" in report[0] and len(report) == 5
+    assert report[2].startswith("  main 512 px: 8 GPUs x 290 img/s need") and report[2].endswith("MB/s of cache reads")
     dirs = data.text_cache_dir("sft-mix")
     assert dirs == (tmp_path / "mj-llava" / "cache", tmp_path / "alchemist" / "cache")
     loader = data.make_loader("sft-mix", 32, 16, 0, 1, seed=0, caption_policy=("mixed", 0.5), cache_dir=dirs)
