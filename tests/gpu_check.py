@@ -231,7 +231,8 @@ def loop_child(cpu, out, steps):
     env = dict(os.environ, SPEEDRUN_TRACK="record", SPEEDRUN_OUT=str(tmp / "out"), SPEEDRUN_RUN_ID="loop")
     t = time.perf_counter()
     code = train.main(env)
-    print(f"loop: train.main returned {code} after {time.perf_counter() - t:.1f} s", flush=True)
+    t_main = time.perf_counter()
+    print(f"loop: train.main returned {code} after {t_main - t:.1f} s", flush=True)
     log = (tmp / "out" / "logs" / "loop.txt").read_text().split("==== end of sources ====")[-1]
     print(log, flush=True)
     if out:
@@ -240,6 +241,8 @@ def loop_child(cpu, out, steps):
         for png in sorted((tmp / "out" / "logs" / "loop-samples").glob("*.png")):
             shutil.copy(png, Path(out) / f"loop-{png.name}")
     shutil.rmtree(tmp, ignore_errors=True)
+    print(f"loop: this check's own bookkeeping (log, grids, rmtree) took {time.perf_counter() - t_main:.1f} s",
+          flush=True)
     return code
 
 
@@ -374,8 +377,10 @@ def main(argv=None):
     ap.add_argument("--loop-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cpu = args.cpu or not torch.cuda.is_available()
-    if args.loop_child:
-        return loop_child(cpu, args.out, args.steps)
+    if args.loop_child:  # ends as train.py's __main__ does: flush, then os._exit (no interpreter teardown)
+        code = loop_child(cpu, args.out, args.steps)
+        sys.stdout.flush()
+        os._exit(code)
     device = torch.device("cpu" if cpu else "cuda")
     torch.set_flush_denormal(True)  # on CPUs, denormals appearing after a few optimizer steps slow matmuls ~50x
     track = train.CPU if cpu else train.RECORD
