@@ -465,7 +465,7 @@ def verify(record_dir, ckpt=None, rtol=0.02) -> list[str]:
         meta = json.loads((d / "metrics.json").read_text())
     except json.JSONDecodeError as e:
         raise SystemExit(f"eval.py: {d / 'metrics.json'} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("track") not in PROTOCOLS:
+    if not isinstance(meta, dict) or (ckpt and meta.get("track") not in PROTOCOLS):
         raise SystemExit(f"eval.py: {d / 'metrics.json'} names no known track ({', '.join(PROTOCOLS)})")
     logs = [p for p in sorted(d.iterdir()) if p.suffix in (".txt", ".log")]
     problems = [] if logs else ["no training log"]

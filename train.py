@@ -154,7 +154,7 @@ def apply_variant(tr: Track, name: str) -> Track:
     return dataclasses.replace(tr, stages=stages, variant=name, **fields)
 
 
-def env_value(env, key, kind, default, choices=None):
+def env_value(env, key, kind, default, choices=None, minimum=None):
     """One environment setting, or a one-line error naming the bad value and what is valid (no traceback)."""
     raw = env.get(key) or default
     if choices is not None and raw not in choices:
@@ -163,8 +163,8 @@ def env_value(env, key, kind, default, choices=None):
         value = kind(raw)
     except ValueError:
         raise SystemExit(f"train.py: {key}={raw!r} is not a valid {kind.__name__}") from None
-    if kind is not str and not value > 0 and key != "SPEEDRUN_SEED":
-        raise SystemExit(f"train.py: {key}={raw!r} must be > 0")
+    if minimum is not None and not value >= minimum:  # also refuses nan
+        raise SystemExit(f"train.py: {key}={raw!r} must be >= {minimum}")
     return value
 
 
@@ -176,13 +176,13 @@ def select_track(env=os.environ) -> Track:
         if name != "cpu":
             raise SystemExit(f"train.py: SPEEDRUN_VARIANT={variant!r} is for the cpu track (ablations in miniature)")
         tr = apply_variant(tr, variant)
-    scale = env_value(env, "SPEEDRUN_STEPS_SCALE", float, "1")
+    scale = env_value(env, "SPEEDRUN_STEPS_SCALE", float, "1", minimum=1e-9)
     if scale != 1:
         tr = dataclasses.replace(tr, warmup=max(1, round(tr.warmup * scale)), stages=tuple(
             dataclasses.replace(s, steps=max(1, round(s.steps * scale))) for s in tr.stages))
-    ov = {k: env_value(env, v, t, None) for k, v, t in (("ckpt_every", "SPEEDRUN_CKPT_EVERY", int),
-                                                        ("time_cap_s", "SPEEDRUN_TIME_CAP_S", float),
-                                                        ("seed", "SPEEDRUN_SEED", int)) if env.get(v)}
+    ov = {k: env_value(env, v, t, None, minimum=m) for k, v, t, m in (
+        ("ckpt_every", "SPEEDRUN_CKPT_EVERY", int, 1), ("time_cap_s", "SPEEDRUN_TIME_CAP_S", float, 0),
+        ("seed", "SPEEDRUN_SEED", int, 0)) if env.get(v)}
     return dataclasses.replace(tr, **ov)
 
 
@@ -655,7 +655,7 @@ def write_checkpoint(root: Path, step: int, snap: dict):
             shutil.rmtree(old)
 
 
-class CheckpointError(Exception):
+class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message says which, why, and what is still intact."""
 
 
@@ -672,7 +672,7 @@ def wait_for_checkpoint(run):
         msg = (f"writing checkpoint {job['path']} failed ({job['error']}); the previous checkpoint "
                f"{latest_checkpoint(root) or '(none)'} is intact")
         log(run, f"STOP: {msg}")
-        raise CheckpointError(msg)
+        raise CheckpointError(msg) from job["error"]
     log(run, f"checkpoint_written:{job['path']} write_s:{job['write_s']:.1f}")
 
 
