@@ -9,7 +9,7 @@ model.py: the PRX text-to-image denoiser in pixel space, in one file.
   sparse deep path with the dense shallow path.
   REPA (Yu et al. 2024): the forward can hand out the hidden states after one block.
 
-Conventions (RECIPE.md section 0): x_t = (1 - t) x0 + t eps, t = 0 is data; pixels in [-1, 1];
+Conventions (PRX, SD3, REPA, SPRINT): x_t = (1 - t) x0 + t eps, t = 0 is data; pixels in [-1, 1];
 text padded on the right, txt_mask True for real tokens.
 """
 
