@@ -55,7 +55,8 @@ SOURCES = {
     # only the CSV: the hub repository also lists parquet files, which have no image column
     "alchemist": {"repo": "yandex/alchemist", "files": ["*.csv"], "image": "image", "long": "prompt",
                   "short": None, "id": "img_key", "url": "url", "rows": 3_350, "est_gb": 4},
-    # "flux-generated": {"repo": "lehduong/flux_generated", ...},  "flux-reason": {"repo": "LucasFang/FLUX-Reason-6M", ...}
+    # "flux-generated": {"repo": "lehduong/flux_generated", ...},
+    # "flux-reason": {"repo": "LucasFang/FLUX-Reason-6M", ...}
 }
 
 
@@ -786,9 +787,9 @@ def pick_caption(long, short, use_short):
 class _Stream(IterableDataset):
     """Batch b of rank r holds global positions (b*B + j)*world + r; worker w of W makes batches b = start+w (mod W)."""
 
-    def __init__(self, source, res, batch_size, rank, world, seed, policy, start, cache_dir):
+    def __init__(self, source, res, batch_size, rank, world, seed, p_short, start, cache_dir):
         self.source, self.res, self.B, self.rank, self.world, self.seed = source, res, batch_size, rank, world, seed
-        self.p_short = 0.0 if policy[0] == "long" else float(policy[1])
+        self.p_short = float(p_short)  # share of samples asked for their short caption
         self.start, self.cache_dir, self._epoch = start, cache_dir, (None, None)
 
     def _row(self, p):
@@ -837,8 +838,8 @@ class Loader:
     """Infinite iterator of batches; state_dict() counts the batches handed to the trainer, so a resume
     restarts at the exact next sample (prefetched batches are simply made again)."""
 
-    def __init__(self, source, res, batch_size, rank, world, seed, caption_policy, num_workers, cache_dir=None):
-        self.args, self.source, self.G, self.seed = (source, res, batch_size, rank, world, seed, caption_policy), \
+    def __init__(self, source, res, batch_size, rank, world, seed, p_short, num_workers, cache_dir=None):
+        self.args, self.source, self.G, self.seed = (source, res, batch_size, rank, world, seed, p_short), \
             source, batch_size * world, seed
         self.num_workers, self.cache_dir, self.batch, self.skipped = num_workers, cache_dir, 0, 0
         self.live = None  # the DataLoader iterator that owns the worker processes
@@ -873,7 +874,7 @@ class Loader:
         self.fallbacks = sd.get("caption_fallbacks", 0)
 
 
-def make_loader(source, res, batch_size, rank, world, seed, caption_policy=("long", 0.0), num_workers=0,
+def make_loader(source, res, batch_size, rank, world, seed, p_short=0.0, num_workers=0,
                 cache_dir=None):
     """source: SceneDataset | ParquetSource | MixSource | a SOURCES or MIXES name (under DATA_ROOT) | "scenes"."""
     if isinstance(source, str) and source in MIXES:
@@ -883,7 +884,7 @@ def make_loader(source, res, batch_size, rank, world, seed, caption_policy=("lon
         source = SceneDataset(seed) if source == "scenes" else ParquetSource.from_name(source, DATA_ROOT, res)
     if cache_dir is not None and source.num_rows is None:
         raise ValueError("the caption cache needs a finite ParquetSource (scenes are encoded live)")
-    return Loader(source, res, batch_size, rank, world, seed, caption_policy, num_workers, cache_dir)
+    return Loader(source, res, batch_size, rank, world, seed, p_short, num_workers, cache_dir)
 
 
 # ============================================================ Benchmark and command line

@@ -52,7 +52,8 @@ GRID_PROMPTS = [  # the record track's fixed sample-grid prompts
     "a watercolor fox sitting in a snowy forest", "a cozy reading nook with plants and warm light",
     "a close-up portrait of an old fisherman", "a futuristic city floating above the clouds",
     "a sign that says 'SPEEDRUN' in bold letters", "an astronaut riding a horse, cinematic",
-    "a macro photo of a dew drop on a leaf", "a minimalist poster of a mountain at sunrise", "a cat made of knitted wool",
+    "a macro photo of a dew drop on a leaf", "a minimalist poster of a mountain at sunrise",
+    "a cat made of knitted wool",
     "a medieval castle on a cliff, fantasy art", "a plate of colorful macarons", "a hummingbird next to a red flower"]
 T_EPS = 1e-3  # the sampler never evaluates t = 0 (last step is Euler); this clamp only guards the division
 CACHE_DIR = Path(os.environ.get("EVAL_CACHE", "cache/eval"))
@@ -643,7 +644,8 @@ def main(argv=None):
     for q in (e, r):
         q.add_argument("--ckpt", required=True)
         q.add_argument("--track", default="cpu", choices=PROTOCOLS)
-        q.add_argument("--num-samples", dest="n", type=positive_int, help="smaller N for quick checks (printed with the numbers)")
+        q.add_argument("--num-samples", dest="n", type=positive_int,
+                       help="smaller N for quick checks (printed with the numbers)")
     e.add_argument("--clip", help="local CLIP dir (CMMD)")
     e.add_argument("--dino", help="local DINOv2-reg dir (DINO-MMD)")
     r.add_argument("--log", action="append", required=True)

@@ -15,10 +15,12 @@ experiment: every hyperparameter is in the two tables below. Optional env (tests
   SPEEDRUN_KILL_AT      "<step>:TERM" or "<step>:KILL": the process signals itself after that step (fault injection)
 """
 
+import bisect
 import ctypes
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -33,7 +35,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -57,12 +58,12 @@ class Stage:
     res: int  # training resolution (px, square)
     steps: int
     batch: int  # global batch, fixed whatever the world size: gradient accumulation fills it
-    micro: int  # largest per-device micro-batch
-    captions: tuple  # data.make_loader caption policy: ("long", 0.0) or ("mixed", p_short)
+    max_micro: int  # largest per-device micro-batch (the log's micro: is the one used)
+    p_short: float  # share of samples captioned with the short prompt: 0 = long captions only, 0.5 = mixed
     repa: float  # REPA loss weight; 0 = off (teacher freed, projector out of the optimizer)
-    drop: float  # SPRINT token-drop ratio in the middle blocks: 0 (dense) or 0.75
+    sprint_drop: float  # SPRINT token-drop ratio in the middle blocks: 0 (dense) or 0.75
     path_drop: float  # SPRINT path-drop probability per sample (keeps path-drop guidance usable at sampling)
-    lr: tuple  # LR multiplier at the stage's first and last step, linear in between: (1, 0) is the cooldown
+    lr_mult: tuple  # LR multiplier at the stage's first and last step, linear in between: (1, 0) is the cooldown
     source: str  # data source (data.SOURCES key)
 
 
@@ -72,7 +73,7 @@ class Track:
     preset: str  # model.PRESETS key
     stages: tuple
     text_encoder: str  # data.TextEncoder name or path; "cpu_track" = data.TextEncoder.cpu_track()
-    teacher: str  # REPA teacher for transformers' from_pretrained; "scenes" = data.scene_teacher (CPU, offline)
+    teacher_id: str  # REPA teacher for transformers' from_pretrained; "scenes" = data.scene_teacher (CPU, offline)
     shift_base: int  # resolution where the SD3 time shift is 1: a = res / shift_base (sampler uses the same a)
     lr: float = 1e-4  # AdamW lr; Muon reuses it through Moonshot's match_rms_adamw scaling
     warmup: int = 1000  # linear LR warmup steps, then constant
@@ -88,7 +89,7 @@ class Track:
     ema: float = 0.999  # EMA decay, applied every ema_every steps
     ema_every: int = 10
     caption_drop: float = 0.1  # -> the "" embedding, the null condition of CFG
-    projector: int = 2048  # REPA MLP width
+    projector_width: int = 2048  # REPA MLP width
     seed: int = 0
     ckpt_every: int = 2000  # steps between checkpoints (plus every stage end, SIGTERM and the time cap)
     time_cap_s: float = 24 * 3600.0
@@ -109,27 +110,29 @@ MJ = "mj-llava"  # brivangl/midjourney-v6-llava: llava long captions + the origi
 # = 21.0 h: 12 % margin to the 24 h cap.
 RECORD = Track(
     name="record", preset="prx-1.2b-pixel", text_encoder="google/t5gemma-2b-2b-ul2",
-    teacher="facebook/dinov2-with-registers-base",  # DINOv3 (gated): "facebook/dinov3-vitl16-pretrain-lvd1689m"
+    teacher_id="facebook/dinov2-with-registers-base",  # DINOv3 (gated): "facebook/dinov3-vitl16-pretrain-lvd1689m"
     shift_base=256,
-    stages=(  # name      res   steps  batch micro captions          repa  drop  pdrop lr        source
-        Stage("burn-in", 512, 25_000, 1024, 64, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), MJ),
-        Stage("main", 512, 80_000, 1024, 64, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), MJ),
-        Stage("high-res", 1024, 40_000, 512, 32, ("long", 0.0), 0.0, 0.75, 0.1, (1.0, 1.0), MJ),
-        Stage("sft", 1024, 10_000, 512, 16, ("mixed", 0.5), 0.0, 0.0, 0.1, (1.0, 0.0), "sft-mix"),  # + alchemist
-    ))
+    stages=(
+        #     name        res    steps   batch max_micro p_short repa sprint_drop path_drop lr_mult     source
+        Stage("burn-in",  512,  25_000,  1024, 64,       0.0,    0.5, 0.0,        0.0,      (1.0, 1.0), MJ),
+        Stage("main",     512,  80_000,  1024, 64,       0.0,    0.0, 0.0,        0.0,      (1.0, 1.0), MJ),
+        Stage("high-res", 1024, 40_000,  512,  32,       0.0,    0.0, 0.75,       0.1,      (1.0, 1.0), MJ),
+        Stage("sft",      1024, 10_000,  512,  16,       0.5,    0.0, 0.0,        0.1,      (1.0, 0.0), "sft-mix"),
+    ))  # sft-mix: mj-llava + 5 % Alchemist (data.MIXES)
 # The same four stages in miniature: tiny model (8 px patches, RoPE interpolated to an 8x8 grid), procedural scenes,
 # 64 px (8x8 tokens) then 96 px (12x12), <= 10 min on 2 cores. Why each setting: README, "CPU track: what limits
 # learning" (t shift 4x the SD3 rule: flat synthetic scenes keep their layout visible at noise levels where photos
 # lose it; RoPE interpolation: raw positions put a 96 px image on angles a few high-res steps cannot learn).
 CPU = Track(
-    name="cpu", preset="tiny", text_encoder="cpu_track", teacher="scenes", shift_base=16,
-    lr=3e-3, warmup=50, clip=1.0, ema=0.98, ema_every=1, projector=256, ckpt_every=100, time_cap_s=600.0,
+    name="cpu", preset="tiny", text_encoder="cpu_track", teacher_id="scenes", shift_base=16,
+    lr=3e-3, warmup=50, clip=1.0, ema=0.98, ema_every=1, projector_width=256, ckpt_every=100, time_cap_s=600.0,
     peak_flops=float("nan"), workers=0, sample_steps=8, ns_dtype="float32", text_len=0, scene_pool=8192,
-    stages=(  # name      res steps batch micro captions         repa  drop  pdrop lr        source
-        Stage("burn-in", 64, 240, 32, 32, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
-        Stage("main", 64, 1050, 32, 32, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), "scenes"),
-        Stage("high-res", 96, 140, 32, 32, ("long", 0.0), 0.0, 0.75, 0.1, (1.0, 1.0), "scenes"),
-        Stage("sft", 96, 90, 32, 32, ("mixed", 0.5), 0.0, 0.0, 0.1, (1.0, 0.0), "scenes"),
+    stages=(
+        #     name        res  steps batch max_micro p_short repa sprint_drop path_drop lr_mult     source
+        Stage("burn-in",  64,  240,  32,   32,       0.0,    0.5, 0.0,        0.0,      (1.0, 1.0), "scenes"),
+        Stage("main",     64,  1050, 32,   32,       0.0,    0.0, 0.0,        0.0,      (1.0, 1.0), "scenes"),
+        Stage("high-res", 96,  140,  32,   32,       0.0,    0.0, 0.75,       0.1,      (1.0, 1.0), "scenes"),
+        Stage("sft",      96,  90,   32,   32,       0.5,    0.0, 0.0,        0.1,      (1.0, 0.0), "scenes"),
     ))
 TRACKS = {"record": RECORD, "cpu": CPU}
 # Ablations in miniature (PRX's table on the CPU track): each variant changes exactly one lever of the CPU track.
@@ -141,9 +144,9 @@ VARIANTS = {
     "no-repa": ({}, {0: {"repa": 0.0}}),  # the burn-in trains without REPA
     "repa-always": ({}, {k: {"repa": 0.5} for k in (1, 2, 3)}),  # REPA kept on to the end
     "adamw-only": ({"muon": False}, {}),  # AdamW for every parameter
-    "short-captions": ({}, {k: {"captions": ("mixed", 1.0)} for k in range(4)}),  # short captions throughout
-    "long-only": ({}, {3: {"captions": ("long", 0.0)}}),  # no mixed long/short fine-tune
-    "dense-hires": ({}, {2: {"drop": 0.0, "path_drop": 0.0, "steps": round(CPU.stages[2].steps * 392 / 615)}}),
+    "short-captions": ({}, {k: {"p_short": 1.0} for k in range(4)}),  # short captions throughout
+    "long-only": ({}, {3: {"p_short": 0.0}}),  # no mixed long/short fine-tune
+    "dense-hires": ({}, {2: {"sprint_drop": 0.0, "path_drop": 0.0, "steps": round(CPU.stages[2].steps * 392 / 615)}}),
     "bf16-weights": ({"bf16_weights": True}, {}),  # weights stored in bf16
 }
 
@@ -186,21 +189,21 @@ def select_track(env=os.environ) -> Track:
     return dataclasses.replace(tr, **ov)
 
 
+def stage_ends(tr: Track) -> list[int]:
+    """The step count at the end of each stage (the one place stage boundaries are computed)."""
+    return list(itertools.accumulate(s.steps for s in tr.stages))
+
+
 def stage_at(tr: Track, step: int) -> int:
     """Index of the stage that trains step `step` (0-based); len(stages) once the run is over."""
-    end = 0
-    for k, s in enumerate(tr.stages):
-        end += s.steps
-        if step < end:
-            return k
-    return len(tr.stages)
+    return bisect.bisect_right(stage_ends(tr), step)
 
 
 def lr_at(tr: Track, step: int) -> float:
     """Linear warmup, then each stage's multiplier line (constant, or the linear cooldown to 0 of the last stage)."""
     k = min(stage_at(tr, step), len(tr.stages) - 1)
-    s0 = sum(s.steps for s in tr.stages[:k])
-    a, b = tr.stages[k].lr
+    s0 = stage_ends(tr)[k] - tr.stages[k].steps
+    a, b = tr.stages[k].lr_mult
     frac = min(1.0, (step - s0) / max(1, tr.stages[k].steps - 1))  # the stage's last step runs at its end value
     return tr.lr * min(1.0, (step + 1) / tr.warmup) * (a + (b - a) * frac)
 
@@ -291,12 +294,12 @@ def draw_samples(run, index, step):
         t.append(a * ti / (1 + (a - 1) * ti))
         cap.append(bool(u[2] < run.tr.caption_drop))
         pd.append(bool(u[3] < st.path_drop))
-        if st.drop:
+        if st.sprint_drop:
             keep.append(sprint_keep_indices(1, gh, gh, generator=g))
         gd = torch.Generator(dev).manual_seed(key ^ 1)
         eps.append(torch.randn(3, st.res, st.res, generator=gd, device=dev))
     t = torch.tensor(t, device=dev)
-    keep = torch.cat(keep).to(dev) if st.drop else None
+    keep = torch.cat(keep).to(dev) if st.sprint_drop else None
     path_drop = torch.tensor(pd, device=dev) if st.path_drop else None
     return t, torch.stack(eps), cap, path_drop, keep
 
@@ -361,11 +364,48 @@ def peak_matmul_flops(device, dtype=torch.bfloat16, n=8192, reps=20):
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
+@dataclass
+class Run:
+    """Everything a run holds, declared once. setup() fills the first block; the second changes as it trains."""
+    tr: Track  # hyperparameters and stage table
+    out: Path  # output root: logs/<id>.txt, logs/<id>-samples/, checkpoints/<id>/
+    cache: Path  # data preparation kept between runs (the CPU track's scene teacher and caption cache)
+    id: str = ""  # run id
+    rank: int = 0
+    world: int = 1
+    device: torch.device | None = None
+    amp: torch.dtype | None = None  # bf16 autocast on CUDA; None: FP32 throughout (CPU)
+    peak_measured: float = math.nan  # this card's bf16 matmul FLOP/s (the step line's mfu_measured)
+    enc: object = None  # frozen text encoder (data.TextEncoder)
+    cfg: object = None  # model.PRXConfig
+    model: nn.Module = None  # FP32 master weights
+    ema: nn.Module = None  # EMA of the weights (what is sampled and evaluated)
+    fwd: nn.Module = None  # what the step calls (the model)
+    adamw: torch.optim.Optimizer = None
+    muon: torch.optim.Optimizer | None = None  # None for the adamw-only ablation
+    teacher_path: str = ""  # where the REPA teacher is loaded from
+    lock: object = None  # rank 0: the open run-directory lock file
+    logf: object = None  # rank 0: the open log file
+    # changes while the run trains
+    step: int = 0  # optimizer steps done
+    k: int | None = None  # index of the current stage (None before the first)
+    stage: Stage | None = None
+    loader: object = None  # data.Loader of the current stage
+    batches: object = None  # its iterator
+    micro: int = 0  # per-device micro-batch of the current stage
+    accum: int = 1  # micro-batches per step
+    teacher: nn.Module | None = None  # the frozen REPA teacher, while REPA is on
+    projector: nn.Module | None = None  # the REPA projector (AdamW group "repa"), while REPA is on
+    t0: float = 0.0  # wall clock at this process's start of training
+    elapsed0: float = 0.0  # training clock carried over from the checkpoint resumed
+    flags: dict = dataclasses.field(default_factory=dict)  # set by the SIGTERM handler
+    writer: dict | None = None  # the checkpoint write in flight (thread, path, error, write_s)
+    host_pool: dict = dataclasses.field(default_factory=dict)  # page-locked buffers reused by checkpoint copies
+
+
 def setup(env=os.environ, track=None):
-    run = SimpleNamespace(tr=track or select_track(env), out=Path(env.get("SPEEDRUN_OUT", ".")).resolve(), step=0,
-                          k=None, teacher=None, projector=None, loader=None, elapsed0=0.0, flags={}, t0=time.time(),
-                          writer=None, host_pool={}, peak_measured=float("nan"),
-                          cache=Path(env.get("SPEEDRUN_CACHE", HERE / "cache")).resolve())  # data preparation
+    run = Run(tr=track or select_track(env), out=Path(env.get("SPEEDRUN_OUT", ".")).resolve(), t0=time.time(),
+              cache=Path(env.get("SPEEDRUN_CACHE", HERE / "cache")).resolve())
     if "TORCHELASTIC_RUN_ID" in env and sys.platform == "linux":  # a torchrun worker must not outlive its launcher
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM (save, exit) when the parent dies
         if os.getppid() == 1:  # the launcher died before the call above
@@ -402,8 +442,8 @@ def setup(env=os.environ, track=None):
                     rank=run.rank, world=run.world, ns_dtype=getattr(torch, tr.ns_dtype)) if tr.muon else None
     if tr.scene_pool:
         prepare_scene_cache(run)
-    run.teacher_path = tr.teacher
-    if tr.teacher == "scenes" and any(s.repa for s in tr.stages):  # data preparation: trained once, cached
+    run.teacher_path = tr.teacher_id
+    if tr.teacher_id == "scenes" and any(s.repa for s in tr.stages):  # data preparation: trained once, cached
         grid = next(s.res for s in tr.stages if s.repa) // run.cfg.patch  # the burn-in's token grid
         path = run.cache / f"scene-teacher-dinov2-with-registers-tiny-grid{grid}"
         if run.rank == 0:
@@ -436,10 +476,10 @@ def enter_stage(run, k, loader_state=None):
         from transformers import AutoModel
         path = run.teacher_path
         run.teacher = AutoModel.from_pretrained(path).to(run.device).eval().requires_grad_(False)
-        run.projector = make_projector(run.cfg.hidden, tr.projector, run.teacher.config.hidden_size, tr.seed + 1)
+        run.projector = make_projector(run.cfg.hidden, tr.projector_width, run.teacher.config.hidden_size, tr.seed + 1)
         run.projector.to(run.device)
         run.adamw.add_param_group({"params": list(run.projector.parameters()), "name": "repa"})
-        note = " (trained once on the procedural scenes: data.scene_teacher)" if tr.teacher == "scenes" else ""
+        note = " (trained once on the procedural scenes: data.scene_teacher)" if tr.teacher_id == "scenes" else ""
         log(run, f"repa: teacher {path}{note} d_teacher:{run.teacher.config.hidden_size} weight:{st.repa} "
                  f"block:{run.cfg.repa_block}")
     if not st.repa and run.teacher is not None:  # HASTE: REPA helps early, then constrains; its cost leaves with it
@@ -458,7 +498,7 @@ def enter_stage(run, k, loader_state=None):
     per = st.batch // run.world
     if st.batch % run.world:
         raise ValueError(f"global batch {st.batch} is not divisible by world size {run.world}")
-    run.accum = math.ceil(per / st.micro)
+    run.accum = math.ceil(per / st.max_micro)
     while per % run.accum:
         run.accum += 1
     run.micro = per // run.accum
@@ -466,14 +506,15 @@ def enter_stage(run, k, loader_state=None):
     source = st.source
     if st.source == "scenes" and tr.scene_pool:  # the pool and its caption cache, built in setup
         source, cache = data.SceneDataset(tr.seed, tr.scene_pool), scene_cache_dir(run)
-    run.loader = data.make_loader(source, st.res, run.micro, run.rank, run.world, tr.seed * 1000 + k, st.captions,
+    run.loader = data.make_loader(source, st.res, run.micro, run.rank, run.world, tr.seed * 1000 + k, st.p_short,
                                   tr.workers, cache_dir=cache)
     if loader_state is not None:
         run.loader.load_state_dict(loader_state)
     run.batches = iter(run.loader)
     log(run, f"stage:{k + 1} name:{st.name} res:{st.res} steps:{st.steps} batch:{st.batch} micro:{run.micro} "
-             f"accum:{run.accum} captions:{st.captions[0]}:{st.captions[1]} repa:{st.repa or 'off'} "
-             f"sprint_drop:{st.drop} path_drop:{st.path_drop} lr_mult:{st.lr[0]}->{st.lr[1]} source:{st.source} "
+             f"accum:{run.accum} p_short:{st.p_short} repa:{st.repa or 'off'} "
+             f"sprint_drop:{st.sprint_drop} path_drop:{st.path_drop} lr_mult:{st.lr_mult[0]}->{st.lr_mult[1]} "
+             f"source:{st.source} "
              f"text:{'cache' if cache else 'live'}",
         console=True)
 
@@ -688,7 +729,8 @@ def save_checkpoint(run, why):
                         "config": {"model": dataclasses.asdict(run.cfg), "track": run.tr.name,
                                    "text_encoder": run.tr.text_encoder, "step": run.step},
                         "state": {"step": run.step, "stage": run.k, "run_id": run.id, "track": run.tr.name,
-                                  "world": run.world, "adamw": run.adamw.state_dict(), "muon": run.muon.state_dict() if run.muon else None,
+                                  "world": run.world, "adamw": run.adamw.state_dict(),
+                                  "muon": run.muon.state_dict() if run.muon else None,
                                   "loader": run.loader.state_dict(),
                                   "projector": run.projector.state_dict() if run.projector else None,
                                   "elapsed": time.time() - run.t0 + run.elapsed0, "rng": torch.get_rng_state()}},
@@ -706,7 +748,8 @@ def save_checkpoint(run, why):
         job["thread"] = threading.Thread(target=write, name="checkpoint-writer")
         job["thread"].start()
         run.writer = job
-        log(run, f"checkpoint:{job['path']} why:{why} stall_s:{time.perf_counter() - t:.2f} (written in the background)")
+        stall = time.perf_counter() - t
+        log(run, f"checkpoint:{job['path']} why:{why} stall_s:{stall:.2f} (written in the background)")
     if run.world > 1:
         dist.barrier()
 
@@ -746,8 +789,9 @@ def find_resume_checkpoint(out: Path, rid: str) -> tuple:
                      (f" ({'; '.join(damaged)})" if damaged else ""))
 
 
-def load_checkpoint(run, path: Path, contents: tuple):
-    """Weights, EMA, optimizer states, REPA projector, data position, step and clock: the exact next sample and step."""
+def restore_state(run, path: Path, contents: tuple):
+    """Weights, EMA, optimizer states, REPA projector, data position, step and clock: the exact next sample and step.
+    It enters the stage the checkpoint stopped in (its data position, and the REPA group the optimizer state needs)."""
     weights, ema, s = contents
     run.model.load_state_dict(weights)
     run.ema.load_state_dict(ema)
@@ -770,7 +814,7 @@ def load_checkpoint(run, path: Path, contents: tuple):
 
 def log(run, line, console=False):
     if run.rank == 0:
-        if getattr(run, "logf", None):
+        if run.logf:
             run.logf.write(line + "\n")
             run.logf.flush()
         if console:
@@ -811,19 +855,20 @@ def write_header(run):
              f"host_cpus:{os.cpu_count()}")
     n = sum(p.numel() for p in run.model.parameters())
     log(run, f"track:{run.tr.name} variant:{run.tr.variant} run:{run.id} model:{run.tr.preset} params:{n} "
-             f"text_encoder:{run.tr.text_encoder} (dim {run.enc.dim}) teacher:{run.tr.teacher} "
+             f"text_encoder:{run.tr.text_encoder} (dim {run.enc.dim}) teacher:{run.tr.teacher_id} "
              f"time_cap_s:{run.tr.time_cap_s:.0f}", console=True)
     measured = (f"measured {run.peak_measured / 1e12:.0f} TFLOP/s (bf16 8192^3 matmul on this card; mfu_measured)"
                 if math.isfinite(run.peak_measured) else "not measured (no CUDA)")
-    log(run, f"peak: spec {run.tr.peak_flops / 1e12:.0f} TFLOP/s (H100 SXM dense bf16; the step line's mfu), {measured}")
+    spec = run.tr.peak_flops / 1e12
+    log(run, f"peak: spec {spec:.0f} TFLOP/s (H100 SXM dense bf16; the step line's mfu), {measured}")
     log(run, f"hyper: {dataclasses.replace(run.tr, stages=())}")
     for k, st in enumerate(run.tr.stages):
         log(run, f"plan: stage {k + 1} {st}")
 
 
 def step_line(run, m, dt):
-    st, G, total = run.stage, run.stage.batch, sum(s.steps for s in run.tr.stages)
-    flops = G * train_flops(run.cfg, st.res, m["txt_len"], st.drop)
+    st, G, total = run.stage, run.stage.batch, stage_ends(run.tr)[-1]
+    flops = G * train_flops(run.cfg, st.res, m["txt_len"], st.sprint_drop)
     mfu = flops / (dt * run.world * run.tr.peak_flops)  # against the spec's peak (header line "peak:")
     meas = flops / (dt * run.world * run.peak_measured)  # against this card's measured matmul peak
     mem = (torch.cuda.max_memory_allocated() if run.device.type == "cuda" else
@@ -863,7 +908,7 @@ def binned_val_loss(run):
         f" mean:{sum(bins.values()) / len(bins):.4f}", console=True)
 
 
-def sample_grid(run):
+def stage_grid(run):
     """Fixed-prompt grid of the EMA weights at the stage's resolution (eval.py's sampler)."""
     import eval as evaluation
 
@@ -915,6 +960,32 @@ def resume_id(env):
     return runs[-1].name if resume == "latest" else resume
 
 
+def maybe_kill(run, kill_at):
+    """SPEEDRUN_KILL_AT="<step>:TERM|KILL": deterministic fault injection after that step (a write in flight lands)."""
+    if kill_at and int(kill_at.split(":")[0]) == run.step:
+        wait_for_checkpoint(run)
+        os.kill(os.getpid(), getattr(signal, "SIG" + kill_at.split(":")[1]))
+
+
+def train_stage(run, end, bar, kill_at):
+    """Optimizer steps until step `end` (the stage's last), periodic checkpoints between; returns why the run must
+    stop early (SIGTERM, the wall-clock cap) or None."""
+    while run.step < end:
+        t_step = time.perf_counter()
+        m = train_step(run)
+        line = step_line(run, m, time.perf_counter() - t_step)
+        log(run, line)
+        bar.update(1)
+        bar.set_postfix_str(line.split(" ", 2)[2][:60])
+        if run.step % run.tr.ckpt_every == 0 and run.step < end:
+            save_checkpoint(run, "periodic")
+        if m["stop"]:
+            return "SIGTERM" if run.flags else f"wall-clock cap {run.tr.time_cap_s:.0f} s reached"
+        if run.step < end:
+            maybe_kill(run, kill_at)
+    return None
+
+
 def main(env=os.environ):
     out, rank = Path(env.get("SPEEDRUN_OUT", ".")).resolve(), int(env.get("RANK", 0))
     rid = resume_id(env) or env.get("SPEEDRUN_RUN_ID")
@@ -937,45 +1008,33 @@ def main(env=os.environ):
         write_header(run)
     else:
         log(run, "resume: " + " ".join(f"{n}:sha256:{sha256(HERE / n)}" for n in ("train.py", "model.py", "data.py")))
-        load_checkpoint(run, ckpt, contents)
+        restore_state(run, ckpt, contents)
     signal.signal(signal.SIGTERM, lambda *_: run.flags.update(sigterm=True))  # SIGTERM: save, then exit cleanly
     kill_at = env.get("SPEEDRUN_KILL_AT", "")
-    total = sum(s.steps for s in run.tr.stages)
-    ends = [sum(s.steps for s in run.tr.stages[:k + 1]) for k in range(len(run.tr.stages))]
+    ends = stage_ends(run.tr)
+    total = ends[-1]
     bar = tqdm(total=total, initial=run.step, disable=run.rank != 0, desc=f"{run.tr.name} track", dynamic_ncols=True)
     code = 0
-    while run.step < total:
-        k = stage_at(run.tr, run.step)
-        if k != run.k:
+    for k in range(stage_at(run.tr, run.step), len(run.tr.stages)):  # the spine: stage by stage
+        if run.k != k:  # (a resume has entered the stage it stopped in already, at its data position)
             enter_stage(run, k)
-        t_step = time.perf_counter()
         try:
-            m = train_step(run)
+            why = train_stage(run, ends[k], bar, kill_at)
         except FloatingPointError as e:
             last = latest_checkpoint(checkpoint_dir(run.out, run.id))
             log(run, f"STOP: {e}; the run stops here, last good checkpoint: {last}", console=True)
             code = 1
             break
-        dt = time.perf_counter() - t_step
-        line = step_line(run, m, dt)
-        log(run, line)
-        bar.update(1)
-        bar.set_postfix_str(line.split(" ", 2)[2][:60])
-        if run.step in ends:
+        if run.step == ends[k]:  # the stage is complete: its grid, validation loss and checkpoint
             if run.rank == 0:
-                sample_grid(run)
+                stage_grid(run)
                 binned_val_loss(run)
-            save_checkpoint(run, f"end of stage {run.k + 1}")
-        elif run.step % run.tr.ckpt_every == 0:
-            save_checkpoint(run, "periodic")
-        if m["stop"] and run.step < total:
-            why = "SIGTERM" if run.flags else f"wall-clock cap {run.tr.time_cap_s:.0f} s reached"
+            save_checkpoint(run, f"end of stage {k + 1}")
+            maybe_kill(run, kill_at)
+        if why and run.step < total:
             save_checkpoint(run, why)
             log(run, f"STOP: {why}; saved at step {run.step}; resume with SPEEDRUN_RESUME={run.id}", console=True)
             break
-        if kill_at and int(kill_at.split(":")[0]) == run.step:
-            wait_for_checkpoint(run)  # deterministic fault injection: a write in flight lands first
-            os.kill(os.getpid(), getattr(signal, "SIG" + kill_at.split(":")[1]))
     bar.close()
     wait_for_checkpoint(run)  # nothing is lost: the last write lands before the run reports
     if run.loader is not None:

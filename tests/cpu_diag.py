@@ -2,7 +2,8 @@
 
     python tests/cpu_diag.py NAME '{"shift_base": 16, "res": [64, 64, 96, 96], "model": {"rope_grid": 8}}'
 
-Overrides: any Track field; per-stage lists "res", "steps", "batch", "micro", "repa", "drop"; "model" (fields of the
+Overrides: any Track field; per-stage lists "res", "steps", "batch", "max_micro", "repa", "sprint_drop";
+"model" (fields of the
 tiny preset); "eval_res", "eval_steps" (32), "cfg" (3.0); "eval_only" (score the run's last checkpoint again).
 Writes scratch/runs/NAME (log, checkpoints), scratch/grids/NAME-{train,held}.png (top: asked for; bottom: sampled)
 and appends a JSON line to scratch/results.jsonl: every-attribute / colour / shape / position adherence of 64 fresh
@@ -27,7 +28,7 @@ name, ov = sys.argv[1], json.loads(sys.argv[2] if len(sys.argv) > 2 else "{}")
 torch.set_flush_denormal(True)
 tr = train.CPU
 st = list(tr.stages)
-for key in ("res", "steps", "batch", "micro", "repa", "drop"):
+for key in ("res", "steps", "batch", "max_micro", "repa", "sprint_drop"):
     if key in ov:
         st = [dataclasses.replace(s, **{key: v}) for s, v in zip(st, ov.pop(key))]
 mdl = ov.pop("model", None)
@@ -41,7 +42,8 @@ train.TRACKS["cpu"] = tr
 out = f"scratch/runs/{name}"
 t0 = time.time()
 if do_train:
-    code = train.main({"SPEEDRUN_OUT": out, "SPEEDRUN_TRACK": "cpu", "SPEEDRUN_RUN_ID": name, "SPEEDRUN_CKPT_EVERY": "100000"})
+    code = train.main({"SPEEDRUN_OUT": out, "SPEEDRUN_TRACK": "cpu", "SPEEDRUN_RUN_ID": name,
+                       "SPEEDRUN_CKPT_EVERY": "100000"})
 wall = time.time() - t0
 logtxt = train.Path(f"{out}/logs/{name}.txt").read_text()
 wall_s = float(logtxt.split("wall_s:")[-1].split()[0]) if "wall_s:" in logtxt else float("nan")
@@ -54,7 +56,8 @@ t1 = time.time()
 for split, scenes in scen.items():
     proto = {"steps": eval_steps, "cfg_scale": cfg, "seed": 0, "method": "euler", "shift": eval_res / tr.shift_base,
              "interval": (0.0, 1.0), "weak": "cfg"}
-    imgs = torch.cat([x for _, x in ev.generate(net, enc, [s.long_caption for s in scenes], range(len(scenes)), eval_res, proto)])
+    prompts = [s.long_caption for s in scenes]
+    imgs = torch.cat([x for _, x in ev.generate(net, enc, prompts, range(len(scenes)), eval_res, proto)])
     sc = [data.check_scene(im, s) for im, s in zip(imgs, scenes)]
     for k in ("all", "colour", "shape", "position"):
         res[f"{split}_{k}"] = round(sum(x[k] for x in sc) / len(sc), 3)

@@ -62,7 +62,7 @@ def muon_cost_model(cfg, stages, worlds=(1, 8), txt_len=256):
     for w in worlds:
         ns = sum(math.ceil(n / w) * ns_flops(s) for s, n in buckets.items())
         for st in stages:
-            fwd_bwd = st.batch * model.train_flops(cfg, st.res, txt_len, st.drop) / w
+            fwd_bwd = st.batch * model.train_flops(cfg, st.res, txt_len, st.sprint_drop) / w
             rows.append((w, st.name, ns, fwd_bwd, ns / (ns + fwd_bwd)))
     return rows
 
@@ -115,9 +115,10 @@ def bench_stage(net, fwd, cfg, st, micro, opts, teacher, projector, enc, device,
     L = 256
     x0 = torch.rand(micro, 3, st.res, st.res, device=device) * 2 - 1
     eps, t = torch.randn_like(x0), torch.rand(micro, device=device)
-    txt, mask = torch.randn(micro, L, cfg.text_dim, device=device), torch.ones(micro, L, dtype=torch.bool, device=device)
+    txt = torch.randn(micro, L, cfg.text_dim, device=device)
+    mask = torch.ones(micro, L, dtype=torch.bool, device=device)
     gh = st.res // cfg.patch
-    keep = model.sprint_keep_indices(micro, gh, gh, device=device) if st.drop else None
+    keep = model.sprint_keep_indices(micro, gh, gh, device=device) if st.sprint_drop else None
     path_drop = (torch.rand(micro, device=device) < st.path_drop) if st.path_drop else None
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     state = {}
@@ -162,7 +163,7 @@ def bench_stage(net, fwd, cfg, st, micro, opts, teacher, projector, enc, device,
     t_enc = timed(encode, device, reps)
     accum = max(1, st.batch // (node_gpus * micro))  # micro-batches per GPU per optimizer step on the node
     step = accum * t_fb + t_opt
-    flops = model.train_flops(cfg, st.res, L, st.drop)
+    flops = model.train_flops(cfg, st.res, L, st.sprint_drop)
     return {"stage": st.name, "res": st.res, "micro": micro, "fb_ms": t_fb * 1e3, "img_s": micro / t_fb,
                 "tflops": flops * micro / t_fb / 1e12, "step_s": step, "muon_share_1gpu": t_muon / step,
                 "teacher_share": accum * t_teacher / step, "text_share": accum * t_enc / (step + accum * t_enc),
@@ -222,11 +223,11 @@ def loop_child(cpu, out, steps):
     build_teacher("cpu", cpu).save_pretrained(tmp / "dino")
     stages = tuple(dataclasses.replace(s, steps=steps, source="scenes") for s in train.RECORD.stages)
     if cpu:  # the same stages in miniature
-        stages = tuple(dataclasses.replace(s, res=s.res // 8, batch=8, micro=4) for s in stages)
+        stages = tuple(dataclasses.replace(s, res=s.res // 8, batch=8, max_micro=4) for s in stages)
     train.TRACKS["record"] = dataclasses.replace(
-        train.RECORD, stages=stages, text_encoder=str(tmp / "t5gemma"), teacher=str(tmp / "dino"), warmup=2,
+        train.RECORD, stages=stages, text_encoder=str(tmp / "t5gemma"), teacher_id=str(tmp / "dino"), warmup=2,
         sample_steps=8, ckpt_every=10**9, **({"preset": "tiny", "workers": 2} if cpu else {}))
-    for name in ("enter_stage", "sample_grid"):  # time them (instrumentation of this check only)
+    for name in ("enter_stage", "stage_grid"):  # time them (instrumentation of this check only)
         setattr(train, name, print_time(getattr(train, name)))
     env = dict(os.environ, SPEEDRUN_TRACK="record", SPEEDRUN_OUT=str(tmp / "out"), SPEEDRUN_RUN_ID="loop")
     t = time.perf_counter()
@@ -418,14 +419,14 @@ def main(argv=None):
         for blk in net.blocks:
             blk.compile()
     teacher = build_teacher(device, cpu)
-    projector = train.make_projector(cfg.hidden, track.projector, teacher.config.hidden_size, 0).to(device)
+    projector = train.make_projector(cfg.hidden, track.projector_width, teacher.config.hidden_size, 0).to(device)
     adamw = torch.optim.AdamW(net.adamw_params() + list(projector.parameters()), lr=track.lr, betas=track.betas,
                               eps=track.adam_eps, fused=not cpu or None)
     opts = (adamw, train.Muon(net.muon_params(), lr=track.lr, momentum=track.momentum))
     enc = build_text_encoder(device, torch.bfloat16 if not cpu else torch.float32, cpu)
     rows = []
     for st in track.stages:
-        micro = st.micro if not cpu else 2
+        micro = st.max_micro if not cpu else 2
         while True:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()

@@ -123,16 +123,16 @@ def test_two_ranks_two_workers_partition(clean):
 
 def test_caption_policy_and_determinism():
     ds = data.SceneDataset(0)
-    for policy, lo, hi in ((("long", 0.0), 0.0, 0.0), (("mixed", 0.3), 0.25, 0.35), (("mixed", 1.0), 1.0, 1.0)):
-        batches = _take(data.make_loader(ds, 32, 100, 0, 1, seed=3, caption_policy=policy), 6)
+    for policy, lo, hi in ((0.0, 0.0, 0.0), (0.3, 0.25, 0.35), (1.0, 1.0, 1.0)):
+        batches = _take(data.make_loader(ds, 32, 100, 0, 1, seed=3, p_short=policy), 6)
         short = torch.cat([b["short"] for b in batches]).float().mean().item()
         assert lo <= short <= hi, (policy, short)
         for b in batches[:1]:
             for cap, row, s in zip(b["caption"], b["row"], b["short"]):
                 sc = ds.scene(int(row))
                 assert cap == (sc.short_caption if s else sc.long_caption)
-    a = _take(data.make_loader(ds, 32, 50, 0, 1, seed=3, caption_policy=("mixed", 0.5)), 1)[0]
-    b = _take(data.make_loader(ds, 32, 50, 0, 1, seed=3, caption_policy=("mixed", 0.5)), 1)[0]
+    a = _take(data.make_loader(ds, 32, 50, 0, 1, seed=3, p_short=0.5), 1)[0]
+    b = _take(data.make_loader(ds, 32, 50, 0, 1, seed=3, p_short=0.5), 1)[0]
     assert a["caption"] == b["caption"] and torch.equal(a["image"], b["image"])
 
 
@@ -148,7 +148,7 @@ def test_bad_input_skipped_and_counted(dirty, capfd):
     err = capfd.readouterr().err
     assert len(src.bad) == 2 and "b_wrong_column.parquet" in err and "missing column(s) ['llava']" in err
     assert "c_unreadable.parquet" in err
-    loader = data.make_loader(src, 32, 4, 0, 1, seed=0, caption_policy=("mixed", 1.0))
+    loader = data.make_loader(src, 32, 4, 0, 1, seed=0, p_short=1.0)
     batches = _take(loader, 4)  # one epoch of the 16 good-shard rows
     err = capfd.readouterr().err
     got = torch.cat([b["index"] for b in batches]).tolist()
@@ -255,12 +255,13 @@ def test_cache_round_trip_equals_live_encoder(clean, tiny_t5gemma, tmp_path):
     src = data.ParquetSource(clean, window_rows=16)
     data.build_cache(src, enc, tmp_path / "cache", shard_rows=16, batch_size=5)
     assert len(list((tmp_path / "cache").glob("long-*.safetensors"))) == 3
-    batch = _take(data.make_loader(src, 32, 8, 0, 1, seed=2, caption_policy=("mixed", 0.5),
+    batch = _take(data.make_loader(src, 32, 8, 0, 1, seed=2, p_short=0.5,
                                    cache_dir=tmp_path / "cache"), 1)[0]
     assert batch["short"].any() and not batch["short"].all()
     live, mask = enc.encode(batch["caption"])
     L = max(live.shape[1], batch["txt"].shape[1])
-    assert torch.equal(batch["txt_mask"], torch.nn.functional.pad(mask, (0, L - mask.shape[1]))[:, :batch["txt"].shape[1]])
+    padded = torch.nn.functional.pad(mask, (0, L - mask.shape[1]))
+    assert torch.equal(batch["txt_mask"], padded[:, :batch["txt"].shape[1]])
     assert torch.allclose(batch["txt"].float(), live[:, :batch["txt"].shape[1]].bfloat16().float(), atol=1e-6)
 
 
@@ -341,7 +342,8 @@ def test_scene_teacher_is_trained_offline_deterministically_and_loads(tmp_path):
     wa, wb = (load_file(str(Path(p) / "model.safetensors")) for p in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     before = (Path(a) / "model.safetensors").stat().st_mtime_ns
-    assert data.scene_teacher(a, steps=3, batch=4, grid=4) == a and (Path(a) / "model.safetensors").stat().st_mtime_ns == before
+    assert data.scene_teacher(a, steps=3, batch=4, grid=4) == a
+    assert (Path(a) / "model.safetensors").stat().st_mtime_ns == before
     net = AutoModel.from_pretrained(a)
     assert net.config.patch_size == 14 and net.config.num_register_tokens == 4
     note = json.loads((Path(a) / "teacher.json").read_text())
@@ -357,7 +359,7 @@ def test_scene_pool_is_finite_and_encodes_once(tmp_path):
     assert pool.num_rows == 12 and sorted(pool.order(5, 0)) == list(range(12))
     enc = data.TextEncoder.cpu_track()
     cache = data.build_cache(pool, enc, tmp_path / "cache")
-    batch = next(iter(data.make_loader(pool, 32, 4, 0, 1, 5, ("long", 0.0), 0, cache_dir=cache)))
+    batch = next(iter(data.make_loader(pool, 32, 4, 0, 1, 5, 0.0, 0, cache_dir=cache)))
     live, mask = enc.encode([pool.scene(int(r)).long_caption for r in batch["row"]])
     n = batch["txt"].shape[1]
     assert torch.equal(batch["txt_mask"], mask[:, :n])

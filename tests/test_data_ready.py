@@ -93,7 +93,7 @@ def test_mixture_reads_cached_text_for_both_sources(tmp_path, monkeypatch, capsy
     assert report[2].startswith("  main 512 px: 8 GPUs x 290 img/s need") and report[2].endswith("MB/s of cache reads")
     dirs = data.text_cache_dir("sft-mix")
     assert dirs == (tmp_path / "mj-llava" / "cache", tmp_path / "alchemist" / "cache")
-    loader = data.make_loader("sft-mix", 32, 16, 0, 1, seed=0, caption_policy=("mixed", 0.5), cache_dir=dirs)
+    loader = data.make_loader("sft-mix", 32, 16, 0, 1, seed=0, p_short=0.5, cache_dir=dirs)
     batches = _take(loader, 3)
     caps = [c for b in batches for c in b["caption"]]
     assert any(c.startswith("curated") for c in caps) and any(c.startswith("a long") for c in caps)

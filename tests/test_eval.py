@@ -250,7 +250,8 @@ def write_metrics(root, track, folder, **kw):
 
 def test_leaderboard_regeneration(tmp_path):
     root = tmp_path / "records"
-    write_metrics(root, "cpu", "2025-01-02_b", fid=12.3456, adherence={"all": 0.25, "colour": 0.5}, n=1000, wall_clock_s=1800, hardware="CPU x2",
+    write_metrics(root, "cpu", "2025-01-02_b", fid=12.3456, adherence={"all": 0.25, "colour": 0.5}, n=1000,
+                  wall_clock_s=1800, hardware="CPU x2",
                   date="2025-01-02", description="second")
     write_metrics(root, "cpu", "2025-01-03_c", fid=9.0, adherence={"all": 0.5}, adherence_train={"all": 0.75}, n=1000,
                   wall_clock_s=600, hardware="CPU x2", date="2025-01-03", description="third", protocol_version=2)

@@ -24,7 +24,8 @@ def randomize(m, std=0.05, seed=0):
 
 def inputs(B=2, res=32, L=10, text_dim=24, seed=1):
     g = torch.Generator().manual_seed(seed)
-    x, t, txt = torch.randn(B, 3, res, res, generator=g), torch.rand(B, generator=g), torch.randn(B, L, text_dim, generator=g)
+    x, t = torch.randn(B, 3, res, res, generator=g), torch.rand(B, generator=g)
+    txt = torch.randn(B, L, text_dim, generator=g)
     mask = torch.ones(B, L, dtype=torch.bool)
     mask[0, 6:] = False  # sample 0 has 4 padding tokens on the right
     return x, t, txt, mask
@@ -282,7 +283,8 @@ def test_sprint_cuts_1024px_training_flops_and_1p2b_size():
     n = model.count_params(cfg)
     assert 1.15e9 < n < 1.2e9
     dense, sprint = model.train_flops(cfg, 1024), model.train_flops(cfg, 1024, drop_ratio=0.75)
-    print(f"1.2B: {n / 1e9:.3f} B params; 1024 px fwd+bwd {dense:.3e} dense, {sprint:.3e} SPRINT: {dense / sprint:.2f}x")
+    print(f"1.2B: {n / 1e9:.3f} B params; 1024 px fwd+bwd {dense:.3e} dense, {sprint:.3e} SPRINT: "
+          f"{dense / sprint:.2f}x")
     assert dense / sprint >= 1.9
     assert 1.3e12 < model.train_flops(cfg, 512) < 1.45e12  # the budget estimate: ~1.35 TFLOP per 512 px sample
 

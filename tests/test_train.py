@@ -22,10 +22,10 @@ HELPER = ROOT / "tests" / "train_dist_helper.py"
 SCALE = "0.04"  # the CPU track at 4 % of its steps: 6 / 30 / 4 / 3 steps
 # 32 px (4x4 tokens of 8 px), global batch 4 in micro-batches of 2: accumulation, REPA, SPRINT, mixed captions
 TINY = dataclasses.replace(train.CPU, warmup=2, ckpt_every=1000, stages=(
-    train.Stage("burn-in", 32, 2, 4, 2, ("long", 0.0), 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
-    train.Stage("main", 32, 2, 4, 2, ("long", 0.0), 0.0, 0.0, 0.0, (1.0, 1.0), "scenes"),
-    train.Stage("high-res", 32, 2, 4, 2, ("long", 0.0), 0.0, 0.75, 0.5, (1.0, 1.0), "scenes"),
-    train.Stage("sft", 32, 3, 4, 2, ("mixed", 0.5), 0.0, 0.0, 0.5, (1.0, 0.0), "scenes")))
+    train.Stage("burn-in", 32, 2, 4, 2, 0.0, 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
+    train.Stage("main", 32, 2, 4, 2, 0.0, 0.0, 0.0, 0.0, (1.0, 1.0), "scenes"),
+    train.Stage("high-res", 32, 2, 4, 2, 0.0, 0.0, 0.75, 0.5, (1.0, 1.0), "scenes"),
+    train.Stage("sft", 32, 3, 4, 2, 0.5, 0.0, 0.0, 0.5, (1.0, 0.0), "scenes")))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -240,7 +240,8 @@ def test_cpu_track_end_to_end(reference):
     for name in ("train.py", "model.py", "data.py"):
         assert src[name][0] == evaluation.sha256(ROOT / name) and src[name][1] is not None, name
     for key in ("git:", "dirty:", "data_manifest:scenes:", "python:", "torch:", "world:1", "track:cpu",
-                "trained once on the procedural scenes", "teacher freed", "captions:mixed:0.5", "sprint_drop:0.75", "done: track:cpu",
+                "trained once on the procedural scenes", "teacher freed", "p_short:0.5", "sprint_drop:0.75",
+                "done: track:cpu",
                 "stall_s:", "checkpoint_written:", "peak: spec"):
         assert key in log, key
     rows = evaluation.parse_log(out / "logs" / "ref.txt")
