@@ -23,6 +23,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import checkpoint
+import eval as evaluation
+import record
 import train
 
 SEEDS = {"baseline": (0, 1, 2)}  # every other variant: seeds 0 and 1
@@ -56,7 +59,7 @@ def train_cell(variant, seed, runs: Path) -> Path:
     env = dict(os.environ, SPEEDRUN_TRACK="cpu", SPEEDRUN_VARIANT=variant, SPEEDRUN_SEED=str(seed),
                SPEEDRUN_OUT=str(runs), SPEEDRUN_RUN_ID=name,
                SPEEDRUN_TIME_CAP_S="7200")  # every cell trains all its steps; the table reports the clock it took
-    if train.latest_checkpoint(runs / "checkpoints" / name):
+    if checkpoint.latest_checkpoint(runs / "checkpoints" / name):
         env["SPEEDRUN_RESUME"] = name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=auto",
            str(HERE / "train.py")]
@@ -68,18 +71,17 @@ def train_cell(variant, seed, runs: Path) -> Path:
 
 def score_cell(variant, seed, runs: Path, log: Path) -> dict:
     """CPU-protocol evaluation of the cell's final EMA weights, plus the log's wall clock, img/s and val loss."""
-    import eval as evaluation
 
     name = cell_name(variant, seed)
-    ckpt = train.latest_checkpoint(runs / "checkpoints" / name)
+    ckpt = checkpoint.latest_checkpoint(runs / "checkpoints" / name)
     model, enc = evaluation.load_checkpoint(ckpt)
     m = evaluation.evaluate(model, enc, "cpu", progress=False)
     done = re.findall(r"^done: .* wall_s:([\d.]+)", log.read_text(), re.MULTILINE)
     if not done:
         raise RuntimeError(f"{log}: the training did not finish (no `done:` line); rerun ablate.py to resume it")
     wall = float(done[-1])
-    seen = evaluation.parse_log(log)[-1]["seen"]
-    val = evaluation.parse_val_loss([log])
+    seen = record.parse_log(log)[-1]["seen"]
+    val = record.parse_val_loss([log])
     return {"variant": variant, "seed": seed, "fid": m["fid"], "held": 100 * m["adherence"]["all"],
             "train": 100 * m["adherence_train"]["all"], "val_loss": val[max(val)]["mean"], "img_s": seen / wall,
             "wall_s": wall, "eval_s": m["eval_seconds"], "ckpt": str(ckpt), "metrics": m}

@@ -1,36 +1,40 @@
-"""Evaluation for the text-to-image speedrun: sampler, FID / CMMD / DINO-MMD / FD-DINOv2, records and leaderboard.
+"""eval.py: the evaluation of the text-to-image speedrun: images from a checkpoint, and FID / CMMD / DINO-MMD /
+FD-DINOv2 (plus prompt adherence on the CPU track) under a frozen protocol. The sampler itself is model.sample
+(beside the training objective); records/ folders and the leaderboard are record.py's.
 
   python eval.py --prompt "a red circle" --ckpt CKPT            # images for your prompts (subcommand `sample`)
   torchrun --nproc_per_node 8 eval.py eval --ckpt CKPT --track record   # metrics under the frozen protocol
-  python eval.py record --track cpu --ckpt CKPT --log logs/x.txt --name first   # a records/ folder, end to end
-  python eval.py verify records/cpu/2025-01-01_first [--ckpt CKPT]            # log, code and hashes agree
-  python eval.py leaderboard                                                  # regenerate the records tables
+  python eval.py leaderboard                          # regenerate the records tables (records/*/*/metrics.json)
 """
 import argparse
-import datetime
 import hashlib
 import importlib.util
-import itertools
 import json
 import math
 import os
 import platform
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
+import scenes
 import torch
 import torch.distributed as dist
 from PIL import Image
+from safetensors.torch import load_file
 from tqdm import tqdm
+from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-# ======================================================================================================
+import data
+import model as model_lib
+
+# ======================================================================================================================
 # Frozen evaluation protocol. Any change to a block bumps its version; the hash goes into every result.
-# ======================================================================================================
+
+
 PROTOCOLS = {
     # Record track: PRX's evaluation (50 Euler steps, CFG 3.5, seed 42) on the held-out split of the real data.
     "record": {"version": 2, "eval_set": "data.ParquetSource('mj-llava', split='heldout')", "n": 10_000, "res": 1024,
@@ -55,12 +59,27 @@ GRID_PROMPTS = [  # the record track's fixed sample-grid prompts
     "a macro photo of a dew drop on a leaf", "a minimalist poster of a mountain at sunrise",
     "a cat made of knitted wool",
     "a medieval castle on a cliff, fantasy art", "a plate of colorful macarons", "a hummingbird next to a red flower"]
-T_EPS = 1e-3  # the sampler never evaluates t = 0 (last step is Euler); this clamp only guards the division
+
+
+def grid_prompts(track: str) -> list[str]:
+    """The 16 prompts of every sample grid (stage ends, records): fixed ones on the record track, the long captions
+    of the first 16 held-out scenes on the CPU track."""
+    return GRID_PROMPTS if track == "record" else [s.long_caption for s in scenes.heldout_scenes(16)]
 CACHE_DIR = Path(os.environ.get("EVAL_CACHE", "cache/eval"))
 
 
 def protocol_hash(proto: dict) -> str:
     return hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def init_distributed(env=os.environ) -> tuple[int, int, int]:
+    """torchrun's process group (NCCL with CUDA, else gloo), joined once: (rank, world, local rank); (0, 1, 0) in a
+    plain process."""
+    if "RANK" not in env:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", 0))
 
 
 def rank_world():
@@ -76,51 +95,8 @@ def gather_rows(local: np.ndarray, order: np.ndarray) -> np.ndarray:
     return local[np.argsort(order, kind="stable")]
 
 
-# ======================================================================================================
-# Sampler: x-prediction (JiT, Li & He 2025) integrated as a flow ODE in convention B (x_t = (1-t) x0 + t eps).
-# ======================================================================================================
-def shift_time(t, a: float):
-    """SD3 resolution shift (Esser et al. 2024): t' = a t / (1 + (a-1) t); a > 1 spends more steps at high noise."""
-    return a * t / (1 + (a - 1) * t)
-
-
-def time_grid(steps: int, shift: float) -> list[float]:
-    return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).tolist()
-
-
-@torch.no_grad()
-def sample(model, txt, txt_mask, null_txt, null_mask, noise, steps=50, method="euler", cfg_scale=1.0,
-           interval=(0.0, 1.0), shift=1.0, weak="cfg"):
-    """Integrate from t=1 (noise) to t=0; returns x0 images in [-1, 1].
-
-    Velocity from the x-prediction: v = (x_t - x0_hat) / t (the exact ODE velocity; the training loss clips the
-    denominator at 0.05, the sampler needs no clip because t = 0 is never evaluated). Guidance is applied to x0_hat,
-    which equals guiding v at the same (x_t, t): x0 = w + s (c - w), only for t in `interval`.
-    weak="cfg": the weak branch is the "" condition (Ho & Salimans 2022 classifier-free guidance);
-    weak="pdg": "" condition and the SPRINT middle blocks skipped (path-drop guidance, Park et al. 2025).
-    """
-    x, b = noise.float(), noise.shape[0]
-    null_txt, null_mask = null_txt.expand(b, -1, -1), null_mask.expand(b, -1)
-    ts = time_grid(steps, shift)
-
-    def denoise(x, t):
-        tt = torch.full((b,), t, device=x.device, dtype=torch.float32)
-        cond = model(x, tt, txt, txt_mask).float()
-        if cfg_scale == 1.0 or not interval[0] <= t <= interval[1]:
-            return cond
-        extra = {"skip_middle": True} if weak == "pdg" else {}
-        w = model(x, tt, null_txt, null_mask, **extra).float()
-        return w + cfg_scale * (cond - w)
-
-    def velocity(x, t):
-        return (x - denoise(x, t)) / max(t, T_EPS)
-
-    for t, t_next in itertools.pairwise(ts):
-        d = velocity(x, t)
-        if method == "heun" and t_next > 0:  # Heun 2nd order (Karras et al. 2022); last step Euler as in JiT
-            d = (d + velocity(x + (t_next - t) * d, t_next)) / 2
-        x = x + (t_next - t) * d
-    return x.clamp(-1, 1)
+# ======================================================================================================================
+# Images from a model: seeded per evaluation index (the sampler is model.sample)
 
 
 def index_noise(indices, shape, seed: int) -> torch.Tensor:
@@ -146,8 +122,9 @@ def generate(model, text_encoder, prompts, indices, res, proto, batch_size=16, p
         txt, mask = (z.to(dev) for z in text_encoder.encode([prompts[j] for j in range(s, s + len(idx))]))
         noise = index_noise(idx, (3, res, res), proto["seed"]).to(dev)
         with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
-            x = sample(model, txt.float(), mask, null_txt.float(), null_mask, noise, proto["steps"], proto["method"],
-                       proto["cfg_scale"], tuple(proto["interval"]), proto["shift"], proto["weak"])
+            x = model_lib.sample(model, txt.float(), mask, null_txt.float(), null_mask, noise, proto["steps"],
+                                 proto["method"], proto["cfg_scale"], tuple(proto["interval"]), proto["shift"],
+                                 proto["weak"])
         yield idx, to_uint8(x).cpu()
     model.train(was_training)
 
@@ -172,9 +149,10 @@ def sample_grid(model, text_encoder, prompts, res, path, steps=32, cfg_scale=3.0
     return images
 
 
-# ======================================================================================================
+# ======================================================================================================================
 # Metric core (float64)
-# ======================================================================================================
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """FID (Heusel et al. 2017): |mu1-mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2); tr sqrt via eigenvalues of S1 S2
     (similar to a PSD matrix, so real and >= 0 up to round-off: clip tiny negative / imaginary parts)."""
@@ -206,9 +184,10 @@ def mmd(x, y, sigma=10.0, scale=1000.0, chunk=2048) -> float:
     return scale * (kmean(x, x) + kmean(y, y) - 2 * kmean(x, y))
 
 
-# ======================================================================================================
+# ======================================================================================================================
 # Feature extractors
-# ======================================================================================================
+
+
 def tf_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     """TF1 resize_bilinear (align_corners=False, no half-pixel centres: src = dst * in/out), the resize inside the
     original TTUR FID graph (= clean-fid mode "legacy_tensorflow", NVIDIA's nv_bilinear); on float pixel values."""
@@ -243,22 +222,35 @@ class InceptionFeatures:
         return torch.cat(out).numpy()
 
 
+class Spec(NamedTuple):
+    kind: str  # the transformers model class (below)
+    size: int  # input resolution
+    mean: list  # input normalisation
+    std: list
+    l2: bool  # L2-normalise the features
+    pil: bool  # PIL resize (crop + antialiased bicubic) rather than F.interpolate
+
+
 class HFFeatures:
     """CLIP ViT-L/14-336 image_embeds (CMMD), DINOv2-reg-L/14 CLS at 518 (DINO-MMD), DINOv2-L/14 CLS at 224
     (FD-DINOv2, Stein et al. 2023), each after its reference's resize (`preprocess`) and mean/std."""
-    CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-    IMNET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    SPECS: ClassVar = {"cmmd": ("clip", 336, *CLIP, True, True), "dino_mmd": ("dinov2reg", 518, *IMNET, True, False),
-                       "fd_dinov2": ("dinov2", 224, *IMNET, False, True)}  # (..., L2-normalise, PIL resize)
+    SPECS: ClassVar = {
+        "cmmd": Spec("clip", 336, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, l2=True, pil=True),
+        "dino_mmd": Spec("dinov2reg", 518, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, l2=True, pil=False),
+        "fd_dinov2": Spec("dinov2", 224, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, l2=False, pil=True)}
 
     def __init__(self, metric, name_or_path=None, device="cpu"):
         import transformers as tr
-        self.kind, self.size, mean, std, self.l2, self.pil = self.SPECS[metric]
+        spec = self.SPECS[metric]
+        self.kind, self.size = spec.kind, spec.size
+        self.l2, self.pil = spec.l2, spec.pil
         cls = {"clip": tr.CLIPVisionModelWithProjection, "dinov2reg": tr.Dinov2WithRegistersModel,
                "dinov2": tr.Dinov2Model}[self.kind]  # the name keys the reference-feature cache: it names the resize
         self.name = f"{metric}:{name_or_path or EXTRACTOR_IDS[metric]}" + ("" if self.pil else ":interp")
-        self.net, self.device = cls.from_pretrained(name_or_path or EXTRACTOR_IDS[metric]).to(device).eval(), device
-        self.mean, self.std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
+        self.net = cls.from_pretrained(name_or_path or EXTRACTOR_IDS[metric]).to(device).eval()
+        self.device = device
+        self.mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
 
     def preprocess(self, images) -> torch.Tensor:
         x, (h, w), s = to_uint8(images).cpu(), images.shape[-2:], min(images.shape[-2:])
@@ -281,7 +273,8 @@ class HFFeatures:
 def build_extractors(metrics, paths=None, device="cpu"):
     """FID always (weights ship offline). HF extractors load via from_pretrained(id or local path); a failure
     (no weights offline) marks the metric unavailable rather than computing it with random weights."""
-    ex, missing, paths = {}, {}, paths or {}
+    paths = paths or {}
+    ex, missing = {}, {}
     if "fid" in metrics:
         ex["fid"] = InceptionFeatures(device)
     for m in ("cmmd", "dino_mmd", "fd_dinov2"):
@@ -293,28 +286,27 @@ def build_extractors(metrics, paths=None, device="cpu"):
     return ex, missing
 
 
-# ======================================================================================================
+# ======================================================================================================================
 # Evaluation under the frozen protocol
-# ======================================================================================================
+
+
 def eval_set(track, n, res):
     """(prompts, real_image(i) -> uint8 [3,res,res], check(i, image) -> adherence dict or None) of the held-out set."""
-    import data
     if track == "cpu":
-        sc = list(data.heldout_scenes(n))
-        return ([s.long_caption for s in sc], lambda i: data.render_scene(sc[i], res),
-                lambda i, im: data.check_scene(im, sc[i]))
+        sc = scenes.heldout_scenes(n)
+        return ([s.long_caption for s in sc], lambda i: scenes.render_scene(sc[i], res),
+                lambda i, im: scenes.check_scene(im, sc[i]))
     src = data.ParquetSource.from_name("mj-llava", data.DATA_ROOT, split="heldout")  # the held-out rule of data.py
     rows = [int(r) for r in np.flatnonzero(src.keep)[:n]]
     if len(rows) < n:
-        raise ValueError(f"the held-out split has {len(rows)} rows, fewer than N={n}: run `python data.py` first")
+        raise ValueError(f"the held-out split has {len(rows)} rows, fewer than N={n}: run `python prepare.py` first")
     caps = {r: data.pick_caption(lo, sh, False)[0] for r, lo, sh in src.iter_captions() if src.keep[r]}
     return [caps[r] for r in rows], lambda i: src.load(rows[i], res)[0], None
 
 
 def train_scenes(proto):
     """Fresh scenes from the training generator (its held-out rule included), seeded apart from any training run."""
-    import data
-    ds = data.SceneDataset(proto["train_seed"])
+    ds = scenes.SceneDataset(proto["train_seed"])
     return [ds.scene(i) for i in range(proto["n_train"])]
 
 
@@ -352,7 +344,9 @@ def reference_features(track, proto, n, extractors, real_image, batch_size=32, p
 def evaluate(model, text_encoder, track="cpu", n=None, batch_size=None, extractor_paths=None, progress=True) -> dict:
     """Samples the evaluation set with the (EMA) model, split across ranks by index, and computes the track's metrics
     against the cached real-set features. Returns a dict with the numbers, N and the protocol hash."""
-    proto, t0, (rank, world) = PROTOCOLS[track], time.time(), rank_world()
+    t0 = time.time()
+    proto = PROTOCOLS[track]
+    rank, world = rank_world()
     batch_size = batch_size or (64 if track == "cpu" else 16)  # CPU: larger batches amortise the per-call cost
     n, mine = n or proto["n"], list(range(rank, n or proto["n"], world))
     extractors, missing = build_extractors(proto["metrics"], extractor_paths, next(model.parameters()).device)
@@ -376,23 +370,27 @@ def evaluate(model, text_encoder, track="cpu", n=None, batch_size=None, extracto
         res[m] = frechet_from_features(gen, ref[m]) if m in ("fid", "fd_dinov2") else mmd(gen, ref[m])
     if check:
         res["adherence"] = mean_rows(adherence, mine)
-        scenes, mine_t = train_scenes(proto), list(range(rank, proto["n_train"], world))
-        import data
-        adherence = [data.check_scene(im, scenes[i]) for idx, imgs in generate(  # training-distribution prompts
-            model, text_encoder, [scenes[i].long_caption for i in mine_t], mine_t, proto["res"], proto, batch_size)
+        fresh, mine_t = train_scenes(proto), list(range(rank, proto["n_train"], world))
+        adherence = [scenes.check_scene(im, fresh[i]) for idx, imgs in generate(  # training-distribution prompts
+            model, text_encoder, [fresh[i].long_caption for i in mine_t], mine_t, proto["res"], proto, batch_size)
             for i, im in zip(idx, imgs)]
         res["adherence_train"] = mean_rows(adherence, mine_t)
         res["note"] = f"CPU track: not comparable with the record track (procedural scenes, {proto['res']} px)"
     return dict(res, eval_seconds=round(time.time() - t0, 1))
 
 
-def load_checkpoint(ckpt, device="cpu"):
-    """EMA model + text encoder from a checkpoint dir: config.json {"model": PRXConfig fields, "text_encoder":
-    name or "cpu_track"} and ema.safetensors (written by train.py)."""
-    from safetensors.torch import load_file
+def environment() -> dict:
+    import transformers
+    hw = (f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+          else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}")
+    return {"eval_hardware": hw, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "transformers": transformers.__version__, "numpy": np.__version__}
 
-    import data
-    import model as model_lib
+
+def load_checkpoint(ckpt, device="cpu", model_lib=model_lib):
+    """EMA model + text encoder from a checkpoint dir: config.json {"model": PRXConfig fields, "text_encoder":
+    name or "cpu_track"} and ema.safetensors (written by train.py). model_lib: the module that defines PRX (this
+    checkout's model.py, or the code as run: record.recorded_module)."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise SystemExit(f"eval.py: checkpoint {ckpt} does not exist (a checkpoints/<run-id>/step-XXXXXXXX folder)")
@@ -407,161 +405,16 @@ def load_checkpoint(ckpt, device="cpu"):
     except Exception as e:  # noqa: BLE001 (a truncated or foreign file: one line naming it, not a traceback)
         raise SystemExit(f"eval.py: checkpoint {ckpt} is damaged or incomplete ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'})") from None
-    name = conf.get("text_encoder", "cpu_track")
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # as train.py encodes on the GPU
-    enc = data.TextEncoder.cpu_track(str(device)) if name == "cpu_track" else \
-        data.TextEncoder(name, device=str(device), dtype=dtype)
+    enc = data.TextEncoder.from_name(conf.get("text_encoder", "cpu_track"), str(device))
     return m.to(device).eval(), enc
 
 
-# ======================================================================================================
-# Records: logs, verification, record folders, leaderboard
-# ======================================================================================================
-CODE_FILES = ("train.py", "model.py", "data.py", "eval.py")
-NUM = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)")
-SRC_HEADER = re.compile(r"^==== (\S+) sha256:([0-9a-f]{64}) ====$", re.MULTILINE)
+# ======================================================================================================================
+# CLI
 
 
-def sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def parse_log(path) -> list[dict]:
-    """Per-step lines `step:12/400 stage:1 loss:0.1234 ...` -> dicts (numbers as float, `a/b` -> a)."""
-    rows = []
-    for line in Path(path).read_text(errors="replace").splitlines():
-        if line.startswith("step:"):
-            kv = [(k, v.split("/")[0]) for k, _, v in (tok.partition(":") for tok in line.split())]
-            rows.append({k: float(v) if NUM.fullmatch(v) else v for k, v in kv})
-    return rows
-
-
-def embedded_sources(text: str) -> dict:
-    """{name: (declared sha256, embedded text)} from a log: after each `==== name sha256:hex ====` line comes the
-    file's text; it ends at the first line boundary where the text's hash matches (text None if none does)."""
-    out = {}
-    for m in SRC_HEADER.finditer(text):
-        body, want, h, pos, found = text[m.end() + 1:], m.group(2), hashlib.sha256(), 0, None
-        for line in body.split("\n"):
-            g = h.copy()
-            g.update(line.encode())  # a file without a final newline (the writer added one)
-            h.update((line + "\n").encode())
-            if g.hexdigest() == want or h.hexdigest() == want:
-                found = body[:pos + len(line) + (h.hexdigest() == want)]
-                break
-            if SRC_HEADER.match(line):
-                break
-            pos += len(line) + 1
-        out[m.group(1)] = (want, found)
-    return out
-
-
-def verify(record_dir, ckpt=None, rtol=0.02) -> list[str]:
-    """Problems found (empty = verified): every log embeds sources whose text hashes as declared, each code file in
-    the folder matches the logs' hashes and metrics.json; with a checkpoint, re-evaluate and compare numbers."""
-    d = Path(record_dir)
-    if not (d / "metrics.json").is_file():
-        raise SystemExit(f"eval.py: {d} is not a record folder (no metrics.json); records are under records/<track>/")
-    try:
-        meta = json.loads((d / "metrics.json").read_text())
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"eval.py: {d / 'metrics.json'} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or (ckpt and meta.get("track") not in PROTOCOLS):
-        raise SystemExit(f"eval.py: {d / 'metrics.json'} names no known track ({', '.join(PROTOCOLS)})")
-    logs = [p for p in sorted(d.iterdir()) if p.suffix in (".txt", ".log")]
-    problems = [] if logs else ["no training log"]
-    for log in logs:
-        src = embedded_sources(log.read_text(errors="replace"))
-        for name in ("train.py", "model.py", "data.py"):
-            if name not in src:
-                problems.append(f"{log.name}: {name} not embedded")
-            elif src[name][1] is None:
-                problems.append(f"{log.name}: embedded {name} does not hash to its declared sha256")
-            elif not (d / name).exists() or sha256(d / name) != src[name][0]:
-                problems.append(f"{name}: folder copy differs from {log.name}")
-    for name, h in meta.get("code_hashes", {}).items():
-        if not (d / name).exists() or sha256(d / name) != h:
-            problems.append(f"{name}: hash differs from metrics.json")
-    if ckpt and meta.get("protocol_hash") != protocol_hash(PROTOCOLS[meta["track"]]):
-        problems.append(f"protocol {meta.get('protocol_hash')} is not this eval.py's: re-evaluation would not compare")
-    elif ckpt:
-        sys.path.insert(0, str(d.resolve()))  # the code as run
-        model, enc = load_checkpoint(ckpt, "cuda" if torch.cuda.is_available() else "cpu")
-        new = evaluate(model, enc, meta["track"], meta["n"])
-        for k in ("fid", "cmmd", "dino_mmd", "fd_dinov2"):
-            if isinstance(meta.get(k), float) and not math.isclose(new[k], meta[k], rel_tol=rtol):
-                problems.append(f"{k}: re-evaluated {new[k]:.4f} vs recorded {meta[k]:.4f}")
-    return problems
-
-
-def loss_curve(logs, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for log in logs:
-        rows = [r for r in parse_log(log) if isinstance(r.get("loss"), float)]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=Path(log).name, lw=0.8)
-    ax.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
-    ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-def environment() -> dict:
-    import transformers
-    hw = (f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
-          else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}")
-    return {"eval_hardware": hw, "python": platform.python_version(), "torch": torch.__version__,
-                "cuda": torch.version.cuda, "transformers": transformers.__version__, "numpy": np.__version__}
-
-
-def parse_val_loss(logs) -> dict:
-    """train.py's `val_loss: stage:k res:r t0.1:x ... mean:m` lines -> {"stage<k>": {...}}; the last: the run's end."""
-    out = {}
-    for line in "".join(Path(p).read_text(errors="replace") for p in logs).splitlines():
-        if line.startswith("val_loss:"):
-            kv = dict(tok.split(":", 1) for tok in line.split()[1:])
-            stage = kv.pop("stage")
-            out[f"stage{stage}"] = {k: float(v) for k, v in kv.items()}
-    return out
-
-
-def make_record(track, ckpt, logs, name, description="", n=None, hardware=None, wall_clock=None, root="records"):
-    """records/<track>/<date>_<name>/: logs, code as run, metrics.json, samples.png, loss.png, README.md."""
-    d = Path(root) / track / f"{datetime.date.today().isoformat()}_{name}"
-    d.mkdir(parents=True, exist_ok=False)
-    src = {}
-    for log in logs:
-        shutil.copy(log, d / Path(log).name)
-        src.update({k: v for k, (_, v) in embedded_sources(Path(log).read_text(errors="replace")).items() if v})
-    for f in CODE_FILES:  # the code as run: from the log; eval.py (and anything not embedded) from this checkout
-        (d / f).write_text(src[f] if f in src and f != "eval.py" else (Path(__file__).parent / f).read_text())
-    model, enc = load_checkpoint(ckpt, "cuda" if torch.cuda.is_available() else "cpu")
-    metrics = evaluate(model, enc, track, n)
-    proto = PROTOCOLS[track]
-    prompts = GRID_PROMPTS if track == "record" else eval_set("cpu", 16, proto["res"])[0]
-    sample_grid(model, enc, prompts, proto["res"], d / "samples.png", proto["steps"], proto["cfg_scale"], 0,
-                proto["method"], proto["shift"], proto["interval"], proto["weak"])
-    loss_curve(logs, d / "loss.png")
-    rows = [{}] + [r for log in logs for r in parse_log(log)]  # rows[-1]: the last step line
-    if wall_clock is None:  # train.py's final `done: ... wall_s:<s>` line; else the sum of step times
-        m = re.findall(r"\bwall(?:_clock)?_s:([\d.]+)", "".join(Path(p).read_text(errors="replace") for p in logs))
-        wall_clock = float(m[-1]) if m else sum(r["ms"] for r in rows if isinstance(r.get("ms"), float)) / 1e3
-    text = "".join(Path(p).read_text(errors="replace") for p in logs)
-    variants = re.findall(r"^track:\S+ variant:(\S+)", text, re.MULTILINE)  # train.VARIANTS (ablations)
-    metrics.update(name=name, date=datetime.date.today().isoformat(), description=description,
-                   hardware=hardware or environment()["eval_hardware"], wall_clock_s=round(wall_clock, 1),
-                   variant=variants[-1] if variants else "baseline", steps=rows[-1].get("step"),
-                   images_seen=rows[-1].get("seen"), protocol=proto,
-                   val_loss=parse_val_loss(logs),
-                   code_hashes={f: sha256(d / f) for f in CODE_FILES}, software=environment(), ckpt=str(ckpt))
-    (d / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    (d / "README.md").write_text(
-        f"# {name}\n\n{description}\n\nTrack {track}: FID {fmt(metrics['fid'], 2)} at N={metrics['n']}, protocol "
-        f"{metrics['protocol_hash']}; wall clock {fmt_time(metrics['wall_clock_s'])} on {metrics['hardware']}.\n\n"
-        "Check: `python eval.py verify <this folder> [--ckpt <checkpoint>]`.\n")
-    return d
+# ======================================================================================================================
+# The leaderboard: records/<track>/*/metrics.json -> the tables in README.md and records/README.md
 
 
 def fmt_time(s):
@@ -610,17 +463,6 @@ def write_leaderboard(root="records", readmes=("README.md", "records/README.md")
     return done
 
 
-# ======================================================================================================
-# CLI
-# ======================================================================================================
-def init_distributed():
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def positive_int(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
@@ -640,28 +482,21 @@ def main(argv=None):
     for k, typ in (("--out", str), ("--steps", int), ("--cfg", float), ("--seed", int), ("--res", int)):
         s.add_argument(k, type=typ, help="default: samples/ and the track's protocol (seed 0)")
     e = sub.add_parser("eval", help="metrics under the frozen protocol (torchrun for several GPUs)")
-    r = sub.add_parser("record", help="create a records/ folder end to end")
-    for q in (e, r):
-        q.add_argument("--ckpt", required=True)
-        q.add_argument("--track", default="cpu", choices=PROTOCOLS)
-        q.add_argument("--num-samples", dest="n", type=positive_int,
-                       help="smaller N for quick checks (printed with the numbers)")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--track", default="cpu", choices=PROTOCOLS)
+    e.add_argument("--num-samples", dest="n", type=positive_int, help="smaller N for quick checks (printed with them)")
     e.add_argument("--clip", help="local CLIP dir (CMMD)")
     e.add_argument("--dino", help="local DINOv2-reg dir (DINO-MMD)")
-    r.add_argument("--log", action="append", required=True)
-    r.add_argument("--name", required=True)
-    for k, typ in (("--desc", str), ("--hardware", str), ("--wall-clock", float)):
-        r.add_argument(k, type=typ, help="default: '', the eval machine, the log's wall_s")
-    v = sub.add_parser("verify", help="check a record's log, code and hashes; re-evaluate with --ckpt")
-    v.add_argument("record")
-    v.add_argument("--ckpt")
     sub.add_parser("leaderboard", help="regenerate the records tables in README.md and records/README.md")
     a = p.parse_args(argv)
+    if a.cmd == "leaderboard":
+        return print("updated:", write_leaderboard())
     if a.cmd == "sample" and not all(t.strip() for t in a.prompt):
         p.error("--prompt is empty: give the text of the image you want")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    if a.cmd in ("sample", "eval"):
-        model, enc = load_checkpoint(a.ckpt, init_distributed())
+    local = init_distributed()[2]
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    model, enc = load_checkpoint(a.ckpt, "cuda" if torch.cuda.is_available() else "cpu")
     if a.cmd == "sample":
         proto, a.out = dict(PROTOCOLS[a.track], seed=a.seed or 0), a.out or "samples"
         proto.update({k: v for k, v in (("steps", a.steps), ("cfg_scale", a.cfg), ("res", a.res)) if v is not None})
@@ -674,15 +509,6 @@ def main(argv=None):
         res = evaluate(model, enc, a.track, a.n, extractor_paths={"cmmd": a.clip, "dino_mmd": a.dino})
         if rank_world()[0] == 0:
             print(json.dumps(res, indent=2))
-    elif a.cmd == "record":
-        print("wrote", make_record(a.track, a.ckpt, a.log, a.name, a.desc or "", a.n, a.hardware, a.wall_clock))
-        print("updated:", write_leaderboard())
-    elif a.cmd == "verify":
-        problems = verify(a.record, a.ckpt)
-        print("\n".join(problems) or "verified")
-        sys.exit(1 if problems else 0)
-    elif a.cmd == "leaderboard":
-        print("updated:", write_leaderboard())
 
 
 if __name__ == "__main__":

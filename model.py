@@ -13,18 +13,18 @@ Conventions (PRX, SD3, REPA, SPRINT): x_t = (1 - t) x0 + t eps, t = 0 is data; p
 text padded on the right, txt_mask True for real tokens.
 """
 
-import argparse
+import itertools
 import math
 import re
-import time
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-# -----------------------------------------------------------------------------
+# ======================================================================================================================
 # Config
 
 
@@ -66,7 +66,7 @@ PRESETS = {
                       sparse_start=1, sparse_end=5, repa_block=3, rope_grid=8),
 }
 
-# -----------------------------------------------------------------------------
+# ======================================================================================================================
 # Small pieces: timestep embedding, 2-D axial RoPE, patchify
 
 
@@ -121,7 +121,7 @@ def sprint_keep_indices(batch, gh, gw, generator=None, device=None):
     return (rows * gw + cols).flatten(1).sort(dim=1).values  # kept tokens in raster order
 
 
-# -----------------------------------------------------------------------------
+# ======================================================================================================================
 # The PRX block
 
 
@@ -168,7 +168,7 @@ class Block(nn.Module):
         return x + gate2 * self.down(F.gelu(self.gate(h), approximate="tanh") * self.up(h))
 
 
-# -----------------------------------------------------------------------------
+# ======================================================================================================================
 # The denoiser
 
 
@@ -269,7 +269,100 @@ class PRX(nn.Module):
         return out, repa, (keep_idx if in_middle and keep_idx is not None else None)
 
 
-# -----------------------------------------------------------------------------
+# ======================================================================================================================
+# Flow matching with x-prediction (JiT, Li & He 2025): the training objective and its sampler, side by side.
+# Convention B (PRX, SD3): x_t = (1 - t) x0 + t eps, t = 0 is data; the ODE velocity is v = (x_t - x0) / t.
+
+
+def shift_time(t, a: float):
+    """SD3 resolution shift (Esser et al. 2024): t' = a t / (1 + (a-1) t); a > 1 spends more time at high noise.
+    Training and sampling use the same a = res / shift_base (the square root of the pixel-count ratio)."""
+    return a * t / (1 + (a - 1) * t)
+
+
+def training_time(u: torch.Tensor, z: torch.Tensor, a: float) -> float:
+    """PRX's t of one training sample from two uniforms u and one normal z: logit-normal N(0, 1), 10 % uniform,
+    then shifted."""
+    return shift_time(u[1].item() if u[0] < 0.1 else torch.sigmoid(z).item(), a)
+
+
+def flow_matching_loss(model, x0, eps, t, txt, mask, keep_idx=None, path_drop=None, return_repa=False):
+    """The objective: the net predicts x0 from x_t; the loss is the MSE of the implied velocities (t clipped at
+    0.05 in the division), per sample. Returns (loss [B], REPA hidden states or None, SPRINT kept indices or None)."""
+    tb = t.view(-1, 1, 1, 1)
+    x_t = (1 - tb) * x0 + tb * eps
+    out = model(x_t, t, txt, mask, keep_idx=keep_idx, path_drop=path_drop, return_repa=return_repa)
+    x0_hat, h, kept = out if return_repa else (out, None, None)
+    v_hat = (x_t - x0_hat.float()) / tb.clamp(min=0.05)
+    v = (x_t - x0) / tb.clamp(min=0.05)
+    return (v_hat - v).square().mean((1, 2, 3)), h, kept
+
+
+T_EPS = 1e-3  # the sampler never evaluates t = 0 (its last step is Euler); this clamp only guards the division
+
+
+def time_grid(steps: int, shift: float) -> list[float]:
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).tolist()
+
+
+@torch.no_grad()
+def sample(model, txt, txt_mask, null_txt, null_mask, noise, steps=50, method="euler", cfg_scale=1.0,
+           interval=(0.0, 1.0), shift=1.0, weak="cfg"):
+    """The sampler: integrate the velocity of the x-prediction from t=1 (noise) to t=0; returns x0 in [-1, 1].
+    v = (x_t - x0_hat) / t exactly (t = 0 is never evaluated). Guidance acts on x0_hat, which equals guiding v at
+    the same (x_t, t): x0 = w + s (c - w), only for t in `interval`. weak="cfg": the weak branch w is the ""
+    condition (classifier-free guidance, Ho & Salimans 2022); weak="pdg": "" and the SPRINT middle blocks skipped
+    (path-drop guidance, Park et al. 2025)."""
+    x, b = noise.float(), noise.shape[0]
+    null_txt, null_mask = null_txt.expand(b, -1, -1), null_mask.expand(b, -1)
+
+    def velocity(x, t):
+        tt = torch.full((b,), t, device=x.device, dtype=torch.float32)
+        x0 = model(x, tt, txt, txt_mask).float()
+        if cfg_scale != 1.0 and interval[0] <= t <= interval[1]:
+            w = model(x, tt, null_txt, null_mask, skip_middle=weak == "pdg").float()
+            x0 = w + cfg_scale * (x0 - w)
+        return (x - x0) / max(t, T_EPS)
+
+    for t, t_next in itertools.pairwise(time_grid(steps, shift)):
+        d = velocity(x, t)
+        if method == "heun" and t_next > 0:  # Heun 2nd order (Karras et al. 2022); last step Euler as in JiT
+            d = (d + velocity(x + (t_next - t) * d, t_next)) / 2
+        x = x + (t_next - t) * d
+    return x.clamp(-1, 1)
+
+
+# ======================================================================================================================
+# REPA (Yu et al. 2024), the burn-in's second loss: student tokens aligned to a frozen DINO teacher's
+
+
+@torch.no_grad()
+def teacher_tokens(teacher, x0, grid):
+    """Frozen DINO patch tokens of the clean image, resized so that the teacher's patch grid equals the token grid."""
+    size = grid * teacher.config.patch_size
+    x = F.interpolate((x0 + 1) / 2, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device).view(1, 3, 1, 1)
+    hidden = teacher(pixel_values=(x - mean) / std).last_hidden_state
+    return hidden[:, 1 + getattr(teacher.config, "num_register_tokens", 0):]  # drop CLS and registers
+
+
+def repa_loss(projector, h, y, keep_idx=None):
+    """REPA (Yu et al. 2024): negative cosine between projected student tokens and teacher tokens (per sample);
+    under SPRINT the teacher tokens are gathered at the kept indices."""
+    if keep_idx is not None:
+        y = y.gather(1, keep_idx[..., None].expand(-1, -1, y.shape[-1]))
+    return -F.cosine_similarity(projector(h).float(), y.float(), dim=-1).mean(1)
+
+
+def make_projector(hidden, width, d_teacher, seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                             nn.Linear(width, d_teacher))
+
+
+# ======================================================================================================================
 # diffusers PRX checkpoints -> this model
 
 _DIFFUSERS_NAMES = [  # (diffusers name pattern, name here)
@@ -306,7 +399,7 @@ def config_from_diffusers(dcfg: dict, **overrides) -> PRXConfig:
                              theta=float(dcfg["theta"])), **overrides)
 
 
-# -----------------------------------------------------------------------------
+# ======================================================================================================================
 # FLOP accounting (matmuls and attention; what torch.utils.flop_counter counts)
 
 
@@ -331,45 +424,13 @@ def count_params(cfg: PRXConfig) -> int:
         return sum(p.numel() for p in PRX(cfg).parameters())
 
 
-# -----------------------------------------------------------------------------
-# `python model.py`: parameter count and FLOPs; `python model.py --bench`: speed against diffusers' PRX on CPU
-
-
-def _bench(steps=15, batch=4, res=256):
-    from diffusers import PRXTransformer2DModel
-
-    cfg = PRXConfig(hidden=256, depth=16, heads=4, patch=32, bottleneck=64, text_dim=128)
-    torch.manual_seed(0)
-    ref = PRXTransformer2DModel(in_channels=3, patch_size=32, context_in_dim=128, hidden_size=256, mlp_ratio=3.5,
-                                num_heads=4, depth=16, axes_dim=[32, 32], bottleneck_size=64)
-    ours = load_diffusers_state_dict(PRX(cfg), ref.state_dict())
-    x, t = torch.randn(batch, 3, res, res), torch.rand(batch)
-    txt, mask = torch.randn(batch, 64, 128), torch.arange(64)[None].repeat(batch, 1) < 40
-
-    def step(fn):
-        t0 = time.perf_counter()
-        fn().square().mean().backward()
-        return time.perf_counter() - t0
-
-    fns = {"ref": lambda: ref(x, t, txt, mask, return_dict=False)[0], "ours": lambda: ours(x, t, txt, mask)}
-    times = {k: [] for k in fns}
-    for i in range(steps + 1):  # interleaved, so that load from other processes hits both alike; 1st is warm-up
-        for k, fn in fns.items():
-            times[k].append(step(fn))
-    t_ref, t_ours = (sorted(times[k][1:])[steps // 2] / batch for k in ("ref", "ours"))  # medians
-    print(f"bench fwd+bwd per sample ({res}px, batch {batch}, hidden 256, depth 16, CPU, {torch.get_num_threads()} "
-          f"threads): diffusers PRX {t_ref * 1e3:.1f} ms, model.py {t_ours * 1e3:.1f} ms, ratio {t_ours / t_ref:.3f}")
+# ======================================================================================================================
+# `python model.py`: parameter count and FLOPs (speed against diffusers' PRX: `python tests/bench_model.py`)
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("--bench", action="store_true", help="time fwd+bwd against diffusers' PRX on this machine")
-    args = ap.parse_args()
-    if args.bench:
-        _bench()
-    else:
-        for name, cfg in PRESETS.items():
-            f512, f1024 = train_flops(cfg, 16 * cfg.patch), train_flops(cfg, 32 * cfg.patch)
-            f1024s = train_flops(cfg, 32 * cfg.patch, drop_ratio=0.75)
-            print(f"{name}: {count_params(cfg) / 1e9:.3f} B params; train FLOPs/sample: 16x16 tokens {f512:.3e}, "
-                  f"32x32 tokens {f1024:.3e}, 32x32 with SPRINT 75% {f1024s:.3e} ({f1024 / f1024s:.2f}x less)")
+    for name, cfg in PRESETS.items():
+        f512, f1024 = train_flops(cfg, 16 * cfg.patch), train_flops(cfg, 32 * cfg.patch)
+        f1024s = train_flops(cfg, 32 * cfg.patch, drop_ratio=0.75)
+        print(f"{name}: {count_params(cfg) / 1e9:.3f} B params; train FLOPs/sample: 16x16 tokens {f512:.3e}, "
+              f"32x32 tokens {f1024:.3e}, 32x32 with SPRINT 75% {f1024s:.3e} ({f1024 / f1024s:.2f}x less)")

@@ -18,19 +18,14 @@ experiment: every hyperparameter is in the two tables below. Optional env (tests
 import bisect
 import ctypes
 import dataclasses
-import fcntl
 import hashlib
 import itertools
-import json
 import math
 import os
 import platform
 import resource
-import shutil
 import signal
-import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,12 +34,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+import checkpoint
 import data
-from model import PRESETS, PRX, sprint_keep_indices, train_flops
+import eval as evaluation
+import model
+import prepare
+import record
+import scenes
 
 HERE = Path(__file__).resolve().parent
 
@@ -284,65 +283,24 @@ def draw_samples(run, index, step):
     """Timesteps, noise, caption/path drops and SPRINT keep indices of one micro-batch, one torch.Generator per sample
     seeded from its global index: 1, 2, 4 or 8 processes (any micro-batch split) draw the same numbers."""
     st, dev = run.stage, run.device
-    gh, a = st.res // run.cfg.patch, st.res / run.tr.shift_base  # SD3 resolution shift a = sqrt(pixels) ratio
+    gh = st.res // run.cfg.patch
+    a = st.res / run.tr.shift_base  # SD3 resolution shift a = sqrt(pixels) ratio
     t, cap, pd, keep, eps = [], [], [], [], []
     for i in index.tolist():
         key = sample_key(run.tr.seed, step, i)
         g = torch.Generator().manual_seed(key)
         u, z = torch.rand(4, generator=g), torch.randn(1, generator=g)
-        ti = u[1].item() if u[0] < 0.1 else torch.sigmoid(z).item()  # PRX: logit-normal N(0, 1), 10 % uniform
-        t.append(a * ti / (1 + (a - 1) * ti))
+        t.append(model.training_time(u[:2], z, a))
         cap.append(bool(u[2] < run.tr.caption_drop))
         pd.append(bool(u[3] < st.path_drop))
         if st.sprint_drop:
-            keep.append(sprint_keep_indices(1, gh, gh, generator=g))
+            keep.append(model.sprint_keep_indices(1, gh, gh, generator=g))
         gd = torch.Generator(dev).manual_seed(key ^ 1)
         eps.append(torch.randn(3, st.res, st.res, generator=gd, device=dev))
     t = torch.tensor(t, device=dev)
     keep = torch.cat(keep).to(dev) if st.sprint_drop else None
     path_drop = torch.tensor(pd, device=dev) if st.path_drop else None
     return t, torch.stack(eps), cap, path_drop, keep
-
-
-# ======================================================================================================================
-# The objective: flow matching with JiT x-prediction, plus REPA during the burn-in
-
-
-def flow_matching_loss(model, x0, eps, t, txt, mask, keep_idx=None, path_drop=None, return_repa=False):
-    """JiT (Li & He 2025), convention B: x_t = (1-t) x0 + t eps; the net predicts x0; MSE in v-space (t >= .05)."""
-    tb = t.view(-1, 1, 1, 1)
-    x_t = (1 - tb) * x0 + tb * eps
-    out = model(x_t, t, txt, mask, keep_idx=keep_idx, path_drop=path_drop, return_repa=return_repa)
-    x0_hat, h, kept = out if return_repa else (out, None, None)
-    v_hat, v = (x_t - x0_hat.float()) / tb.clamp(min=0.05), (x_t - x0) / tb.clamp(min=0.05)
-    return (v_hat - v).square().mean((1, 2, 3)), h, kept  # per-sample loss
-
-
-
-
-@torch.no_grad()
-def teacher_tokens(teacher, x0, grid):
-    """Frozen DINO patch tokens of the clean image, resized so that the teacher's patch grid equals the token grid."""
-    size = grid * teacher.config.patch_size
-    x = F.interpolate((x0 + 1) / 2, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
-    hidden = teacher(pixel_values=(x - mean) / std).last_hidden_state
-    return hidden[:, 1 + getattr(teacher.config, "num_register_tokens", 0):]  # drop CLS and registers
-
-
-def repa_loss(projector, h, y, keep_idx=None):
-    """REPA (Yu et al. 2024): negative cosine between projected student tokens and teacher tokens (per sample);
-    under SPRINT the teacher tokens are gathered at the kept indices."""
-    if keep_idx is not None:
-        y = y.gather(1, keep_idx[..., None].expand(-1, -1, y.shape[-1]))
-    return -F.cosine_similarity(projector(h).float(), y.float(), dim=-1).mean(1)
-
-
-def make_projector(hidden, width, d_teacher, seed):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                             nn.Linear(width, d_teacher))
 
 
 # ======================================================================================================================
@@ -380,18 +338,18 @@ class Run:
     cfg: object = None  # model.PRXConfig
     model: nn.Module = None  # FP32 master weights
     ema: nn.Module = None  # EMA of the weights (what is sampled and evaluated)
-    fwd: nn.Module = None  # what the step calls (the model)
     adamw: torch.optim.Optimizer = None
     muon: torch.optim.Optimizer | None = None  # None for the adamw-only ablation
     teacher_path: str = ""  # where the REPA teacher is loaded from
+    scene_text: Path | None = None  # CPU track: the caption cache of its scene pool
     lock: object = None  # rank 0: the open run-directory lock file
     logf: object = None  # rank 0: the open log file
     # changes while the run trains
     step: int = 0  # optimizer steps done
-    k: int | None = None  # index of the current stage (None before the first)
+    k: int = 0  # index of the current stage
     stage: Stage | None = None
     loader: object = None  # data.Loader of the current stage
-    batches: object = None  # its iterator
+    batches: object = None  # its iterator (made at the stage's first batch, after a resume has set the position)
     micro: int = 0  # per-device micro-batch of the current stage
     accum: int = 1  # micro-batches per step
     teacher: nn.Module | None = None  # the frozen REPA teacher, while REPA is on
@@ -399,8 +357,7 @@ class Run:
     t0: float = 0.0  # wall clock at this process's start of training
     elapsed0: float = 0.0  # training clock carried over from the checkpoint resumed
     flags: dict = dataclasses.field(default_factory=dict)  # set by the SIGTERM handler
-    writer: dict | None = None  # the checkpoint write in flight (thread, path, error, write_s)
-    host_pool: dict = dataclasses.field(default_factory=dict)  # page-locked buffers reused by checkpoint copies
+    writer: checkpoint.Writer = dataclasses.field(default_factory=checkpoint.Writer)  # rank 0: the write in flight
 
 
 def setup(env=os.environ, track=None):
@@ -410,11 +367,7 @@ def setup(env=os.environ, track=None):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM (save, exit) when the parent dies
         if os.getppid() == 1:  # the launcher died before the call above
             os.kill(os.getpid(), signal.SIGTERM)
-    if "RANK" in env:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        run.rank, run.world, local = dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", 0))
-    else:
-        run.rank, run.world, local = 0, 1, 0
+    run.rank, run.world, local = evaluation.init_distributed(env)
     cuda = torch.cuda.is_available() and run.tr.name == "record"
     run.device = torch.device("cuda", local) if cuda else torch.device("cpu")
     torch.set_flush_denormal(True)  # CPU: denormal values appearing after some steps slow matmuls up to ~50x
@@ -423,14 +376,12 @@ def setup(env=os.environ, track=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         run.peak_measured = peak_matmul_flops(run.device)  # this card's bf16 matmul peak, beside the spec's
     run.amp = torch.bfloat16 if cuda else None  # FP32 master weights; bf16 only inside autocast
-    run.enc = (data.TextEncoder.cpu_track() if run.tr.text_encoder == "cpu_track" else
-               data.TextEncoder(run.tr.text_encoder, device=run.device, dtype=run.amp or torch.float32))
-    run.cfg = dataclasses.replace(PRESETS[run.tr.preset], text_dim=run.enc.dim)
+    run.enc = data.TextEncoder.from_name(run.tr.text_encoder, run.device)
+    run.cfg = dataclasses.replace(model.PRESETS[run.tr.preset], text_dim=run.enc.dim)
     torch.manual_seed(run.tr.seed)  # every rank builds the same initial weights
-    run.model = PRX(run.cfg).to(run.device)
-    run.ema = PRX(run.cfg).to(run.device).eval().requires_grad_(False)  # EMA of the weights, FP32
+    run.model = model.PRX(run.cfg).to(run.device)
+    run.ema = model.PRX(run.cfg).to(run.device).eval().requires_grad_(False)  # EMA of the weights, FP32
     run.ema.load_state_dict(run.model.state_dict())
-    run.fwd = run.model
     if cuda:  # regional compilation: the 16 blocks share one compiled code object, compiled once per stage shape
         for blk in run.model.blocks:
             blk.compile()
@@ -440,35 +391,20 @@ def setup(env=os.environ, track=None):
                                   eps=tr.adam_eps, weight_decay=tr.weight_decay, fused=cuda or None)
     run.muon = Muon(run.model.muon_params(), lr=tr.lr, weight_decay=tr.weight_decay, momentum=tr.momentum,
                     rank=run.rank, world=run.world, ns_dtype=getattr(torch, tr.ns_dtype)) if tr.muon else None
-    if tr.scene_pool:
-        prepare_scene_cache(run)
     run.teacher_path = tr.teacher_id
-    if tr.teacher_id == "scenes" and any(s.repa for s in tr.stages):  # data preparation: trained once, cached
-        grid = next(s.res for s in tr.stages if s.repa) // run.cfg.patch  # the burn-in's token grid
-        path = run.cache / f"scene-teacher-dinov2-with-registers-tiny-grid{grid}"
+    if tr.scene_pool:  # the CPU track's data preparation (caption cache, REPA teacher), outside the clock, cached
+        repa = [s.res for s in tr.stages if s.repa]
+        grid = repa[0] // run.cfg.patch if repa and tr.teacher_id == "scenes" else 0  # the burn-in's token grid
         if run.rank == 0:
-            data.scene_teacher(path, grid=grid)
+            prepare.cpu_track_data(run.cache, tr.seed, tr.scene_pool, run.enc, grid)
         if run.world > 1:
             dist.barrier()
-        run.teacher_path = str(path)
+        run.scene_text, teacher = prepare.cpu_track_paths(run.cache, tr.seed, tr.scene_pool, run.enc.name, grid)
+        run.teacher_path = str(teacher) if teacher else tr.teacher_id
     return run
 
 
-def scene_cache_dir(run) -> Path:
-    name = hashlib.sha256(run.enc.name.encode()).hexdigest()[:8]
-    return run.cache / f"scenes-{run.tr.seed}-{run.tr.scene_pool}-text-{name}"
-
-
-def prepare_scene_cache(run):
-    """Data preparation outside the clock: encode the captions of the CPU track's scene pool once (rank 0; a second
-    run finds the cache and skips the work)."""
-    if run.rank == 0:
-        data.build_cache(data.SceneDataset(run.tr.seed, run.tr.scene_pool), run.enc, scene_cache_dir(run))
-    if run.world > 1:
-        dist.barrier()
-
-
-def enter_stage(run, k, loader_state=None):
+def enter_stage(run, k):
     """Switch to stage k: its data loader, and REPA alive only where the stage table says so."""
     st, tr = run.tr.stages[k], run.tr
     run.k, run.stage = k, st
@@ -476,10 +412,11 @@ def enter_stage(run, k, loader_state=None):
         from transformers import AutoModel
         path = run.teacher_path
         run.teacher = AutoModel.from_pretrained(path).to(run.device).eval().requires_grad_(False)
-        run.projector = make_projector(run.cfg.hidden, tr.projector_width, run.teacher.config.hidden_size, tr.seed + 1)
+        d_teacher = run.teacher.config.hidden_size
+        run.projector = model.make_projector(run.cfg.hidden, tr.projector_width, d_teacher, tr.seed + 1)
         run.projector.to(run.device)
         run.adamw.add_param_group({"params": list(run.projector.parameters()), "name": "repa"})
-        note = " (trained once on the procedural scenes: data.scene_teacher)" if tr.teacher_id == "scenes" else ""
+        note = " (trained once on the procedural scenes: scenes.scene_teacher)" if tr.teacher_id == "scenes" else ""
         log(run, f"repa: teacher {path}{note} d_teacher:{run.teacher.config.hidden_size} weight:{st.repa} "
                  f"block:{run.cfg.repa_block}")
     if not st.repa and run.teacher is not None:  # HASTE: REPA helps early, then constrains; its cost leaves with it
@@ -502,15 +439,13 @@ def enter_stage(run, k, loader_state=None):
     while per % run.accum:
         run.accum += 1
     run.micro = per // run.accum
-    cache = data.text_cache_dir(st.source) if st.source != "scenes" else None  # `python data.py --cache`
+    cache = data.text_cache_dir(st.source) if st.source != "scenes" else None  # `python prepare.py --cache`
     source = st.source
     if st.source == "scenes" and tr.scene_pool:  # the pool and its caption cache, built in setup
-        source, cache = data.SceneDataset(tr.seed, tr.scene_pool), scene_cache_dir(run)
+        source, cache = scenes.SceneDataset(tr.seed, tr.scene_pool), run.scene_text
     run.loader = data.make_loader(source, st.res, run.micro, run.rank, run.world, tr.seed * 1000 + k, st.p_short,
                                   tr.workers, cache_dir=cache)
-    if loader_state is not None:
-        run.loader.load_state_dict(loader_state)
-    run.batches = iter(run.loader)
+    run.batches = None
     log(run, f"stage:{k + 1} name:{st.name} res:{st.res} steps:{st.steps} batch:{st.batch} micro:{run.micro} "
              f"accum:{run.accum} p_short:{st.p_short} repa:{st.repa or 'off'} "
              f"sprint_drop:{st.sprint_drop} path_drop:{st.path_drop} lr_mult:{st.lr_mult[0]}->{st.lr_mult[1]} "
@@ -547,6 +482,8 @@ def text_condition(run, batch, drop):
 
 
 def next_batch(run):
+    if run.batches is None:
+        run.batches = iter(run.loader)
     try:
         return next(run.batches)
     except StopIteration:  # a finite loader: start its next epoch
@@ -583,7 +520,8 @@ def sync_grads(run, params):
 
 def train_step(run):
     """One optimizer step over the global batch: accumulate, all-reduce, clip, AdamW + Muon, EMA."""
-    st, step, G = run.stage, run.step, run.stage.batch
+    st, step = run.stage, run.step
+    G = st.batch  # the global batch
     params = list(run.model.parameters()) + (list(run.projector.parameters()) if run.projector else [])
     fm_sum = repa_sum = served = torch.zeros((), device=run.device)
     txt_len = 0
@@ -595,20 +533,25 @@ def train_step(run):
         t, eps, drop, path_drop, keep = draw_samples(run, batch["index"], step)
         txt, mask = text_condition(run, batch, drop)
         with torch.autocast(run.device.type, dtype=run.amp or torch.bfloat16, enabled=run.amp is not None):
-            fm, h, kept = flow_matching_loss(run.fwd, x0, eps, t, txt, mask, keep, path_drop, bool(st.repa))
+            fm, h, kept = model.flow_matching_loss(run.model, x0, eps, t, txt, mask, keep, path_drop, bool(st.repa))
             loss = fm.sum()
             if st.repa:
-                rl = repa_loss(run.projector, h, teacher_tokens(run.teacher, x0, st.res // run.cfg.patch), kept)
-                loss, repa_sum = loss + st.repa * rl.sum(), repa_sum + rl.detach().sum()
+                y = model.teacher_tokens(run.teacher, x0, st.res // run.cfg.patch)
+                rl = model.repa_loss(run.projector, h, y, kept)
+                loss = loss + st.repa * rl.sum()
+                repa_sum = repa_sum + rl.detach().sum()
         (loss / G).backward()  # sum over the global batch / G = the global mean, whatever the split
-        fm_sum, served, txt_len = fm_sum + fm.detach().sum(), served + len(fm), txt.shape[1]
+        fm_sum = fm_sum + fm.detach().sum()
+        served = served + len(fm)
+        txt_len = txt.shape[1]
     stop = float(bool(run.flags) or time.time() - run.t0 + run.elapsed0 >= run.tr.time_cap_s)
     stats = torch.stack([fm_sum, repa_sum, served, torch.tensor(stop, device=run.device)])
     if run.world > 1:
         dist.all_reduce(stats)
     fm_sum, repa_sum, n, stop = stats.tolist()
     n = max(n, 1.0)
-    loss, repa = fm_sum / n, repa_sum / n
+    loss = fm_sum / n
+    repa = repa_sum / n
     if not (math.isfinite(loss) and math.isfinite(repa)):
         raise FloatingPointError(f"non-finite loss at step {step + 1} (loss {loss}, repa {repa})")
     live = sync_grads(run, params)
@@ -636,176 +579,59 @@ def train_step(run):
 # Checkpoints: safetensors weights + EMA, torch.save'd state; written to a temp dir, renamed when complete
 
 
-def to_host(obj, pool=None):
-    """A copy in host memory of every tensor in obj (nested dicts/lists), on a CPU too, so that training may go on
-    while a thread writes it. CUDA tensors go to page-locked buffers kept in `pool` under their path in obj and
-    reused from one checkpoint to the next (allocating 14 GB of pinned memory took 10-13 s on an H200), copied
-    asynchronously, then one synchronisation."""
-    pool = {} if pool is None else pool
-
-    def copy(x, path):
-        if isinstance(x, dict):
-            return {k: copy(v, f"{path}/{k}") for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return type(x)(copy(v, f"{path}/{i}") for i, v in enumerate(x))
-        if not torch.is_tensor(x):
-            return x
-        if x.device.type != "cuda":
-            return x.detach().to("cpu", copy=True).contiguous()
-        buf = pool.get(path)
-        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
-            buf = pool[path] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        return buf.copy_(x.detach(), non_blocking=True)
-
-    out = copy(obj, "")
-    if pool:
-        torch.cuda.synchronize()
-    return out
-
-
-def tensors(module):
-    return to_host(module.state_dict())
-
-
-def checkpoint_dir(out: Path, run_id: str) -> Path:
-    return out / "checkpoints" / run_id
-
-
-def latest_checkpoint(root: Path):
-    done = sorted(root.glob("step-*"))  # only complete checkpoints carry this name
-    return done[-1] if done else None
-
-
-def write_checkpoint(root: Path, step: int, snap: dict):
-    """Background thread: write the snapshot to a temp dir, fsync, rename (atomic), then drop the previous one."""
-    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
-    if final.exists():
-        return
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(snap["model"], str(tmp / "model.safetensors"))
-    save_file(snap["ema"], str(tmp / "ema.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(snap["config"]))
-    torch.save(snap["state"], tmp / "state.pt")
-    for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    os.rename(tmp, final)  # atomic: a checkpoint dir named step-* is always complete
-    for old in root.glob("step-*"):  # the previous one goes only once the new one is complete
-        if old != final:
-            shutil.rmtree(old)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message says which, why, and what is still intact."""
-
-
 def wait_for_checkpoint(run):
-    """Join the write in flight, if any; log how long it took; raise its error (nothing is lost silently)."""
-    job = run.writer
-    if job is None:
-        return
-    job["thread"].join()
-    run.writer = None
-    if job["error"] is not None:
-        root = job["path"].parent
-        shutil.rmtree(root / f".tmp-{job['path'].name}", ignore_errors=True)  # the partial write, not a checkpoint
-        msg = (f"writing checkpoint {job['path']} failed ({job['error']}); the previous checkpoint "
-               f"{latest_checkpoint(root) or '(none)'} is intact")
-        log(run, f"STOP: {msg}")
-        raise CheckpointError(msg) from job["error"]
-    log(run, f"checkpoint_written:{job['path']} write_s:{job['write_s']:.1f}")
+    """Join the write in flight, if any, and log how long it took; its error stops the run (logged first)."""
+    try:
+        done = run.writer.wait()
+    except checkpoint.CheckpointError as e:
+        log(run, f"STOP: {e}")
+        raise
+    if done:
+        log(run, f"checkpoint_written:{done[0]} write_s:{done[1]:.1f}")
 
 
 def save_checkpoint(run, why):
     """Checkpoints off the critical path: the trainer stalls only to copy the state to host memory; a thread writes
-    it (one write in flight: the next save and the end of the run wait for it). Rank 0 writes; weights are equal
-    on every rank and the optimizer state is replicated (see Muon)."""
+    it (checkpoint.Writer). Rank 0 writes: weights are equal on every rank and the optimizer state is replicated."""
     t = time.perf_counter()
     wait_for_checkpoint(run)
     if run.rank == 0:
-        root = checkpoint_dir(run.out, run.id)
-        snap = to_host({"model": run.model.state_dict(), "ema": run.ema.state_dict(),
-                        "config": {"model": dataclasses.asdict(run.cfg), "track": run.tr.name,
-                                   "text_encoder": run.tr.text_encoder, "step": run.step},
-                        "state": {"step": run.step, "stage": run.k, "run_id": run.id, "track": run.tr.name,
-                                  "world": run.world, "adamw": run.adamw.state_dict(),
-                                  "muon": run.muon.state_dict() if run.muon else None,
-                                  "loader": run.loader.state_dict(),
-                                  "projector": run.projector.state_dict() if run.projector else None,
-                                  "elapsed": time.time() - run.t0 + run.elapsed0, "rng": torch.get_rng_state()}},
-                       run.host_pool)
-        job = {"path": root / f"step-{run.step:08d}", "error": None, "write_s": 0.0}
-
-        def write():
-            t0 = time.perf_counter()
-            try:
-                write_checkpoint(root, snap["config"]["step"], snap)
-            except Exception as e:  # noqa: BLE001 (any failure: re-raised by wait_for_checkpoint)
-                job["error"] = e
-            job["write_s"] = time.perf_counter() - t0
-
-        job["thread"] = threading.Thread(target=write, name="checkpoint-writer")
-        job["thread"].start()
-        run.writer = job
-        stall = time.perf_counter() - t
-        log(run, f"checkpoint:{job['path']} why:{why} stall_s:{stall:.2f} (written in the background)")
+        config = {"model": dataclasses.asdict(run.cfg), "track": run.tr.name, "text_encoder": run.tr.text_encoder,
+                  "step": run.step}
+        state = {"step": run.step, "stage": run.k, "run_id": run.id, "track": run.tr.name, "world": run.world,
+                 "adamw": run.adamw.state_dict(), "muon": run.muon.state_dict() if run.muon else None,
+                 "loader": run.loader.state_dict(), "projector": run.projector.state_dict() if run.projector else None,
+                 "elapsed": time.time() - run.t0 + run.elapsed0, "rng": torch.get_rng_state()}
+        snap = {"model": run.model.state_dict(), "ema": run.ema.state_dict(), "config": config, "state": state}
+        path = run.writer.start(checkpoint.checkpoint_dir(run.out, run.id), run.step, snap)
+        log(run, f"checkpoint:{path} why:{why} stall_s:{time.perf_counter() - t:.2f} (written in the background)")
     if run.world > 1:
         dist.barrier()
 
 
-def matching_groups(sd, names):
-    """An optimizer state without the param groups that are not alive now (the REPA projector's, when the checkpoint
-    was written at the end of the burn-in, before the next stage dropped it)."""
-    groups = [g for g in sd["param_groups"] if g.get("name") in names]
-    keep = {i for g in groups for i in g["params"]}
-    return {"state": {i: v for i, v in sd["state"].items() if i in keep}, "param_groups": groups}
-
-
-def read_checkpoint(path: Path, device) -> tuple:
-    """(weights, EMA, state) of a checkpoint folder, or CheckpointError naming the damaged file."""
-    out = []
-    for name in ("model.safetensors", "ema.safetensors", "state.pt"):
-        try:
-            out.append(load_file(str(path / name), device=str(device)) if name.endswith(".safetensors") else
-                       torch.load(path / name, map_location=device, weights_only=False))
-        except Exception as e:  # noqa: BLE001 (truncated, missing or foreign: the caller falls back or stops)
-            raise CheckpointError(f"{path / name} is damaged ({type(e).__name__}: {str(e)[:120]})") from None
-    return tuple(out)
-
-
-def find_resume_checkpoint(out: Path, rid: str) -> tuple:
-    """The newest readable checkpoint of run `rid`: (path, contents on the CPU). A damaged one is named and skipped
-    for the previous complete one; none readable stops with one line (never a silent restart from step 0)."""
-    root = checkpoint_dir(out, rid)
-    damaged = []
-    for path in sorted(root.glob("step-*"), reverse=True):
-        try:
-            return path, read_checkpoint(path, "cpu")
-        except CheckpointError as e:
-            damaged.append(str(e))
-            print(f"train.py: {e}; trying the previous checkpoint", file=sys.stderr)
-    raise SystemExit(f"train.py: no usable checkpoint of run {rid!r} under {root}" +
-                     (f" ({'; '.join(damaged)})" if damaged else ""))
-
-
-def restore_state(run, path: Path, contents: tuple):
-    """Weights, EMA, optimizer states, REPA projector, data position, step and clock: the exact next sample and step.
-    It enters the stage the checkpoint stopped in (its data position, and the REPA group the optimizer state needs)."""
-    weights, ema, s = contents
+def restore_weights(run, contents: tuple) -> dict:
+    """A resume, first half (before any stage): weights, EMA, step, training clock, RNG. Returns the state the
+    stage it continues needs (restore_stage)."""
+    weights, ema, state = contents
     run.model.load_state_dict(weights)
     run.ema.load_state_dict(ema)
-    run.step, run.elapsed0 = s["step"], s["elapsed"]
-    torch.set_rng_state(s["rng"].cpu())
-    k = stage_at(run.tr, run.step)
-    if k < len(run.tr.stages):  # mid-stage: continue this stage's data stream (its position is rank-independent)
-        enter_stage(run, k, s["loader"] if k == s["stage"] else None)
-    if s["projector"] is not None and run.projector is not None:
-        run.projector.load_state_dict(s["projector"])
-    run.adamw.load_state_dict(matching_groups(s["adamw"], {g.get("name") for g in run.adamw.param_groups}))
+    run.step = state["step"]
+    run.elapsed0 = state["elapsed"]
+    torch.set_rng_state(state["rng"].cpu())
+    return state
+
+
+def restore_stage(run, state: dict):
+    """A resume, second half (once its stage is entered: the REPA group the optimizer state needs exists): the data
+    position when it stopped mid-stage (rank-independent), the REPA projector, the optimizer states."""
+    if state["stage"] == run.k:
+        run.loader.load_state_dict(state["loader"])
+    if state["projector"] is not None and run.projector is not None:
+        run.projector.load_state_dict(state["projector"])
+    alive = {g.get("name") for g in run.adamw.param_groups}
+    run.adamw.load_state_dict(checkpoint.matching_groups(state["adamw"], alive))
     if run.muon:
-        run.muon.load_state_dict(s["muon"])
-    log(run, f"resumed from {path} at step:{run.step} elapsed_s:{run.elapsed0:.1f}", console=True)
+        run.muon.load_state_dict(state["muon"])
 
 
 # ======================================================================================================================
@@ -821,38 +647,14 @@ def log(run, line, console=False):
             tqdm.write(line)
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def git(*args):
-    try:
-        out = subprocess.run(["git", *args], check=False, cwd=HERE, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def data_manifest_hash(tr: Track) -> str:
-    """Every source the stages read (a mixture's parts included), each with data.py's hash of it."""
-    names = {s for st in tr.stages for s in (data.MIXES[st.source][:2] if st.source in data.MIXES else (st.source,))}
-    return ",".join(f"{n}:{data.source_hash(n)}" for n in sorted(names))
-
-
 def write_header(run):
     if run.rank != 0:
         return
-    for name in ("train.py", "model.py", "data.py"):
-        p = HERE / name
-        run.logf.write(f"==== {name} sha256:{sha256(p)} ====\n{p.read_text()}\n")
-    status = git("status", "--porcelain")
-    run.logf.write(f"==== end of sources ====\ngit:{git('rev-parse', 'HEAD') or 'unknown'} dirty:{bool(status)}\n"
-                   f"data_manifest:{data_manifest_hash(run.tr)}\n")
+    record.write_sources(run.logf, run.tr)  # the code as run, the commit, the data (record.py: the log format)
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     log(run, f"python:{platform.python_version()} torch:{torch.__version__} cuda:{torch.version.cuda} "
              f"gpus:{','.join(gpus) or 'none'} world:{run.world} device:{run.device.type} "
-             f"threads:{torch.get_num_threads()} "
-             f"host_cpus:{os.cpu_count()}")
+             f"threads:{torch.get_num_threads()} host_cpus:{os.cpu_count()}")
     n = sum(p.numel() for p in run.model.parameters())
     log(run, f"track:{run.tr.name} variant:{run.tr.variant} run:{run.id} model:{run.tr.preset} params:{n} "
              f"text_encoder:{run.tr.text_encoder} (dim {run.enc.dim}) teacher:{run.tr.teacher_id} "
@@ -867,16 +669,16 @@ def write_header(run):
 
 
 def step_line(run, m, dt):
-    st, G, total = run.stage, run.stage.batch, stage_ends(run.tr)[-1]
-    flops = G * train_flops(run.cfg, st.res, m["txt_len"], st.sprint_drop)
+    st, G = run.stage, run.stage.batch
+    flops = G * model.train_flops(run.cfg, st.res, m["txt_len"], st.sprint_drop)
     mfu = flops / (dt * run.world * run.tr.peak_flops)  # against the spec's peak (header line "peak:")
     meas = flops / (dt * run.world * run.peak_measured)  # against this card's measured matmul peak
     mem = (torch.cuda.max_memory_allocated() if run.device.type == "cuda" else
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
     repa = f" repa:{m['repa']:.4f}" if m["repa"] is not None else ""
-    seen = sum(s.batch * min(s.steps, max(0, run.step - sum(p.steps for p in run.tr.stages[:i])))
-               for i, s in enumerate(run.tr.stages))  # images trained on so far
-    return (f"step:{run.step}/{total} stage:{run.k + 1} loss:{m['loss']:.4f}{repa} lr:{m['lr']:.1e} "
+    seen = sum(s.batch * min(s.steps, max(0, run.step - end + s.steps))  # images trained on so far
+               for s, end in zip(run.tr.stages, stage_ends(run.tr)))
+    return (f"step:{run.step}/{stage_ends(run.tr)[-1]} stage:{run.k + 1} loss:{m['loss']:.4f}{repa} lr:{m['lr']:.1e} "
             f"gnorm:{m['gnorm']:.2f} ms:{dt * 1e3:.0f} img/s:{G / dt:.1f} mfu:{mfu:.3f}"
             f"{f' mfu_measured:{meas:.3f}' if math.isfinite(meas) else ''} mem_gb:{mem:.1f} seen:{seen}")
 
@@ -900,8 +702,8 @@ def binned_val_loss(run):
         for i in range(0, len(x0), run.micro):  # micro-batches: the same memory as training
             tt = torch.full((len(x0[i:i + run.micro]),), t, device=run.device)
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp is not None):
-                fm, _, _ = flow_matching_loss(run.ema, x0[i:i + run.micro], eps[i:i + run.micro], tt,
-                                              txt[i:i + run.micro], mask[i:i + run.micro])
+                fm, _, _ = model.flow_matching_loss(run.ema, x0[i:i + run.micro], eps[i:i + run.micro], tt,
+                                                    txt[i:i + run.micro], mask[i:i + run.micro])
             total += fm.sum().item()
         bins[t] = total / len(x0)
     log(run, f"val_loss: stage:{run.k + 1} res:{st.res} " + " ".join(f"t{t}:{v:.4f}" for t, v in bins.items()) +
@@ -909,55 +711,15 @@ def binned_val_loss(run):
 
 
 def stage_grid(run):
-    """Fixed-prompt grid of the EMA weights at the stage's resolution (eval.py's sampler)."""
-    import eval as evaluation
-
-    prompts = evaluation.GRID_PROMPTS if run.tr.name == "record" else [s.long_caption for s in data.heldout_scenes(8)]
+    """Fixed-prompt grid of the EMA weights at the stage's resolution (the sampler of model.py, via eval.py)."""
     path = run.out / "logs" / f"{run.id}-samples" / f"stage{run.k + 1}-{run.stage.name}.png"
-    evaluation.sample_grid(run.ema, run.enc, prompts, run.stage.res, str(path), steps=run.tr.sample_steps,
-                           shift=run.stage.res / run.tr.shift_base)
+    evaluation.sample_grid(run.ema, run.enc, evaluation.grid_prompts(run.tr.name), run.stage.res, str(path),
+                           steps=run.tr.sample_steps, shift=run.stage.res / run.tr.shift_base)
     log(run, f"sample_grid:{path}", console=True)
 
 
 # ======================================================================================================================
 # Main loop
-
-
-def lock_run(out: Path, run_id: str, rank: int):
-    """One run per run id: rank 0 holds an exclusive lock on checkpoints/<id>/.lock for its whole life (the OS drops
-    it when the process dies, even by SIGKILL); a second run of the same id stops with the holder's pid. Returns the
-    open lock file (keep it), None on other ranks."""
-    if rank != 0:
-        return None
-    path = checkpoint_dir(out, run_id) / ".lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")  # noqa: SIM115 (held open for the whole run)
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        raise SystemExit(f"train.py: run {run_id!r} is already running (pid {holder} holds {path}); stop it first, "
-                         "or pick another SPEEDRUN_RUN_ID") from None
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
-
-
-def resume_id(env):
-    """SPEEDRUN_RESUME ("latest" or a run id) -> the run id to continue, checked before any setup; None: a new run."""
-    resume = env.get("SPEEDRUN_RESUME")
-    if not resume:
-        return None
-    root = Path(env.get("SPEEDRUN_OUT", ".")).resolve() / "checkpoints"
-    runs = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime) if root.is_dir() else []
-    if resume != "latest" and resume not in {d.name for d in runs}:
-        raise SystemExit(f"train.py: SPEEDRUN_RESUME={resume!r}: no such run under {root} (runs there: "
-                         f"{', '.join(d.name for d in runs[-5:]) or 'none'}; or 'latest')")
-    if not runs:
-        raise SystemExit(f"train.py: SPEEDRUN_RESUME=latest: no run under {root} to resume")
-    return runs[-1].name if resume == "latest" else resume
 
 
 def maybe_kill(run, kill_at):
@@ -988,9 +750,9 @@ def train_stage(run, end, bar, kill_at):
 
 def main(env=os.environ):
     out, rank = Path(env.get("SPEEDRUN_OUT", ".")).resolve(), int(env.get("RANK", 0))
-    rid = resume_id(env) or env.get("SPEEDRUN_RUN_ID")
-    lock = lock_run(out, rid, rank) if rid else None  # checked before the minutes of setup
-    ckpt, contents = find_resume_checkpoint(out, rid) if env.get("SPEEDRUN_RESUME") else (None, None)
+    rid = checkpoint.resume_id(env) or env.get("SPEEDRUN_RUN_ID")
+    lock = checkpoint.lock_run(out, rid, rank) if rid else None  # checked before the minutes of setup
+    ckpt, contents = checkpoint.find_resume_checkpoint(out, rid) if env.get("SPEEDRUN_RESUME") else (None, None)
     run = setup(env)
     run.lock = lock
     if rid is None:  # a new id, one for all ranks
@@ -998,17 +760,19 @@ def main(env=os.environ):
         if run.world > 1:
             dist.broadcast_object_list(box, src=0)
         rid = box[0]
-        run.lock = lock_run(out, rid, run.rank)
+        run.lock = checkpoint.lock_run(out, rid, run.rank)
     run.id = rid
     if run.rank == 0:
         (run.out / "logs").mkdir(parents=True, exist_ok=True)
         run.logf = open(run.out / "logs" / f"{run.id}.txt", "a")  # noqa: SIM115 (open for the whole run)
     run.t0 = time.time()
+    resumed = None  # a resume's state for the stage it continues (restore_stage)
     if ckpt is None:
         write_header(run)
     else:
-        log(run, "resume: " + " ".join(f"{n}:sha256:{sha256(HERE / n)}" for n in ("train.py", "model.py", "data.py")))
-        restore_state(run, ckpt, contents)
+        log(run, f"resume: {record.source_hashes()}")
+        resumed = restore_weights(run, contents)
+        log(run, f"resumed from {ckpt} at step:{run.step} elapsed_s:{run.elapsed0:.1f}", console=True)
     signal.signal(signal.SIGTERM, lambda *_: run.flags.update(sigterm=True))  # SIGTERM: save, then exit cleanly
     kill_at = env.get("SPEEDRUN_KILL_AT", "")
     ends = stage_ends(run.tr)
@@ -1016,12 +780,14 @@ def main(env=os.environ):
     bar = tqdm(total=total, initial=run.step, disable=run.rank != 0, desc=f"{run.tr.name} track", dynamic_ncols=True)
     code = 0
     for k in range(stage_at(run.tr, run.step), len(run.tr.stages)):  # the spine: stage by stage
-        if run.k != k:  # (a resume has entered the stage it stopped in already, at its data position)
-            enter_stage(run, k)
+        enter_stage(run, k)
+        if resumed is not None:  # the stage a resume continues: its data position, projector and optimizer states
+            restore_stage(run, resumed)
+            resumed = None
         try:
             why = train_stage(run, ends[k], bar, kill_at)
         except FloatingPointError as e:
-            last = latest_checkpoint(checkpoint_dir(run.out, run.id))
+            last = checkpoint.latest_checkpoint(checkpoint.checkpoint_dir(run.out, run.id))
             log(run, f"STOP: {e}; the run stops here, last good checkpoint: {last}", console=True)
             code = 1
             break
@@ -1053,7 +819,7 @@ def main(env=os.environ):
 if __name__ == "__main__":
     try:
         code = main()
-    except CheckpointError as e:  # e.g. a full disk: one line, the previous checkpoint named (already in the log)
+    except checkpoint.CheckpointError as e:  # e.g. a full disk: one line naming the previous checkpoint (logged)
         print(f"train.py: STOP: {e}", file=sys.stderr)
         code = 1
     sys.stdout.flush()

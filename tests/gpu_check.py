@@ -39,7 +39,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval as evaluation
 import model
 import train
 
@@ -125,17 +124,17 @@ def bench_stage(net, fwd, cfg, st, micro, opts, teacher, projector, enc, device,
 
     def fwd_bwd():
         with ctx:
-            fm, h, kept = train.flow_matching_loss(fwd, x0, eps, t, txt, mask, keep, path_drop, bool(st.repa))
+            fm, h, kept = model.flow_matching_loss(fwd, x0, eps, t, txt, mask, keep, path_drop, bool(st.repa))
             loss = fm.mean()
             if st.repa:
-                y = train.teacher_tokens(teacher, x0, gh)
-                loss = loss + st.repa * train.repa_loss(projector, h, y, kept).mean()
+                y = model.teacher_tokens(teacher, x0, gh)
+                loss = loss + st.repa * model.repa_loss(projector, h, y, kept).mean()
         loss.backward()
         state["loss"] = loss.item()
 
     def teacher_only():
         with ctx:
-            train.teacher_tokens(teacher, x0, gh)
+            model.teacher_tokens(teacher, x0, gh)
 
     def opt_step():
         for o in opts:
@@ -419,7 +418,7 @@ def main(argv=None):
         for blk in net.blocks:
             blk.compile()
     teacher = build_teacher(device, cpu)
-    projector = train.make_projector(cfg.hidden, track.projector_width, teacher.config.hidden_size, 0).to(device)
+    projector = model.make_projector(cfg.hidden, track.projector_width, teacher.config.hidden_size, 0).to(device)
     adamw = torch.optim.AdamW(net.adamw_params() + list(projector.parameters()), lr=track.lr, betas=track.betas,
                               eps=track.adam_eps, fused=not cpu or None)
     opts = (adamw, train.Muon(net.muon_params(), lr=track.lr, momentum=track.momentum))
@@ -458,7 +457,7 @@ def main(argv=None):
 
     def sample():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not cpu):
-            evaluation.sample(fwd, enc_txt, enc_mask, null_txt, null_mask, noise, steps=50,
+            model.sample(fwd, enc_txt, enc_mask, null_txt, null_mask, noise, steps=50,
                               cfg_scale=3.5, shift=res / train.RECORD.shift_base)
 
     t_sample = timed(sample, device, 1)

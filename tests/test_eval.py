@@ -16,6 +16,8 @@ import scipy.linalg
 import torch
 
 import eval as ev
+import model
+import record
 
 
 # ---------------------------------------------------------------------------------------------- Fréchet distance
@@ -194,21 +196,21 @@ def oracle_inputs(b=3, res=8, seed=0):
 @pytest.mark.parametrize("method,shift", [("euler", 1.0), ("euler", 3.0), ("heun", 1.0), ("heun", 3.0)])
 def test_sampler_with_true_x0_returns_x0(method, shift):
     x0, txt, mask, null, null_mask, noise = oracle_inputs()
-    out = ev.sample(Oracle(), txt, mask, null, null_mask, noise, steps=10, method=method, shift=shift)
+    out = model.sample(Oracle(), txt, mask, null, null_mask, noise, steps=10, method=method, shift=shift)
     torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
-    grid = ev.time_grid(10, shift)
+    grid = model.time_grid(10, shift)
     assert grid[0] == 1.0 and grid[-1] == 0.0 and all(a > b for a, b in itertools.pairwise(grid))
     assert grid[5] == pytest.approx(shift * 0.5 / (1 + (shift - 1) * 0.5))
 
 
 def test_guidance_scale_interval_and_pdg():
     x0, txt, mask, null, null_mask, noise = oracle_inputs()
-    out = ev.sample(Oracle(), txt, mask, null, null_mask, noise, steps=8, cfg_scale=3.0)  # weak = "" -> 0
+    out = model.sample(Oracle(), txt, mask, null, null_mask, noise, steps=8, cfg_scale=3.0)  # weak = "" -> 0
     torch.testing.assert_close(out, 3.0 * x0, atol=1e-5, rtol=0)
-    out = ev.sample(Oracle(), txt, mask, null, null_mask, noise, steps=8, cfg_scale=3.0, weak="pdg")  # weak = 0.1
+    out = model.sample(Oracle(), txt, mask, null, null_mask, noise, steps=8, cfg_scale=3.0, weak="pdg")  # weak = 0.1
     torch.testing.assert_close(out, 0.1 + 3.0 * (x0 - 0.1), atol=1e-5, rtol=0)
     m = Oracle()
-    out = ev.sample(m, txt, mask, null, null_mask, noise, steps=8, cfg_scale=3.0, interval=(0.3, 0.8), method="heun")
+    out = model.sample(m, txt, mask, null, null_mask, noise, steps=8, cfg_scale=3.0, interval=(0.3, 0.8), method="heun")
     torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)  # the last step (t = 1/8) is outside the interval
     cond_t = [t for t, is_null in m.calls if not is_null]
     assert sorted(t for t, is_null in m.calls if is_null) == sorted(t for t in cond_t if 0.3 <= t <= 0.8)
@@ -275,25 +277,36 @@ def test_leaderboard_regeneration(tmp_path):
     assert "[cpu/2025-01-01_a](records/cpu/2025-01-01_a)" in (tmp_path / "README.md").read_text()
 
 
-def test_parse_log_and_verify(tmp_path):
+def test_parse_log_extract_and_verify(tmp_path):
+    """The log is the record: its embedded sources come back byte for byte (extract), verify checks them against
+    their declared hashes and metrics.json, and recorded_module imports the code as run, not this checkout's."""
     log = tmp_path / "log.txt"
-    files = {"train.py": "print('train')\n", "model.py": "x = 1\n\n", "data.py": "y = 2"}  # data.py: no final newline
+    files = {"train.py": "print('train')\n", "data.py": "y = 2",  # data.py: no final newline
+             "model.py": "from dataclasses import dataclass\n\n\n@dataclass\nclass PRXConfig:\n    hidden: int = 7\n"}
     text = "".join(f"==== {n} sha256:{hashlib.sha256(s.encode()).hexdigest()} ====\n{s}" +
                    ("" if s.endswith("\n") else "\n") for n, s in files.items())
     log.write_text(text + "env: torch\nstep:1/10 stage:1 loss:0.5 lr:1e-4 ms:120\nstep:2/10 stage:1 loss:0.25 ms:80\n")
-    assert {k: v[1] for k, v in ev.embedded_sources(log.read_text()).items()} == files
-    rows = ev.parse_log(log)
+    assert {k: v[1] for k, v in record.embedded_sources(log.read_text()).items()} == files
+    rows = record.parse_log(log)
     assert rows == [{"step": 1.0, "stage": 1.0, "loss": 0.5, "lr": 1e-4, "ms": 120.0},
                     {"step": 2.0, "stage": 1.0, "loss": 0.25, "ms": 80.0}]
     rec = tmp_path / "rec"
     rec.mkdir()
     (rec / "log.txt").write_text(log.read_text())
-    for n, s in files.items():
-        (rec / n).write_text(s)
-    (rec / "metrics.json").write_text(json.dumps({"code_hashes": {n: ev.sha256(rec / n) for n in files}}))
-    assert ev.verify(rec) == []
-    (rec / "model.py").write_text("x = 2\n")
-    assert ev.verify(rec) == ["model.py: folder copy differs from log.txt", "model.py: hash differs from metrics.json"]
+    hashes = {n: hashlib.sha256(s.encode()).hexdigest() for n, s in files.items()}
+    (rec / "metrics.json").write_text(json.dumps({"code_hashes": dict(hashes, **{"eval.py": "0" * 64})}))
+    assert record.verify(rec) == []  # eval.py is not embedded in this (older-style) log: not checked against it
+    assert record.extract(rec, tmp_path / "code") == sorted(files)
+    assert {n: (tmp_path / "code" / n).read_text() for n in files} == files
+    recorded = record.recorded_module(log.read_text(), "model.py")
+    assert recorded.PRXConfig().hidden == 7 and model.PRXConfig().hidden == 1792  # the code as run, explicitly
+    (rec / "metrics.json").write_text(json.dumps({"code_hashes": dict(hashes, **{"model.py": "0" * 64})}))
+    assert record.verify(rec) == ["model.py: hash in metrics.json differs from the log's"]
+    (rec / "log.txt").write_text(log.read_text().replace("hidden: int = 7", "hidden: int = 8"))
+    assert record.verify(rec) == ["log.txt: embedded model.py does not hash to its declared sha256",
+                                  "model.py: hash in metrics.json differs from the log's"]
+    with pytest.raises(SystemExit, match="model.py do not hash as declared"):
+        record.extract(rec, tmp_path / "code2")
 
 
 def test_protocol_blocks_are_hashed():
@@ -320,5 +333,5 @@ def test_record_eval_set_is_the_heldout_split(tmp_path, monkeypatch):
 
 def test_verify_refuses_to_reevaluate_under_another_protocol(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"track": "cpu", "protocol_hash": "0123456789abcdef", "n": 4}))
-    problems = ev.verify(tmp_path, ckpt=tmp_path / "no-such-checkpoint")  # refused before any checkpoint is read
+    problems = record.verify(tmp_path, ckpt=tmp_path / "no-such-checkpoint")  # refused before any checkpoint is read
     assert any("is not this eval.py's" in p for p in problems)

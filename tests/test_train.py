@@ -13,8 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import data
 import eval as evaluation
+import model
+import record
+import scenes
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +53,7 @@ def run_train(out, timeout=240, **kw):
 
 
 def final_weights(out, run_id):
-    ckpt = train.latest_checkpoint(out / "checkpoints" / run_id)
+    ckpt = checkpoint.latest_checkpoint(out / "checkpoints" / run_id)
     return ckpt, load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "ema.safetensors"))
 
 
@@ -199,11 +203,11 @@ def test_time_cap_saves_and_stops(tmp_path):
     code = main_in_process(cpu_env(tmp_path, SPEEDRUN_RUN_ID="cap", SPEEDRUN_TIME_CAP_S="0"))
     log = (tmp_path / "logs" / "cap.txt").read_text()
     assert code == 0 and "track:cpu" in log and "STOP: wall-clock cap 0 s reached; saved at step 1" in log
-    assert train.latest_checkpoint(tmp_path / "checkpoints" / "cap").name == "step-00000001"
+    assert checkpoint.latest_checkpoint(tmp_path / "checkpoints" / "cap").name == "step-00000001"
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
-    loss_fn = train.flow_matching_loss
+    loss_fn = model.flow_matching_loss
 
     def poisoned(model, x0, *a, **kw):  # the weights blow up after two steps
         loss, h, kept = loss_fn(model, x0, *a, **kw)
@@ -211,12 +215,12 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 
     train_step_count = [0]
     step = train.train_step
-    monkeypatch.setattr(train, "flow_matching_loss", poisoned)
+    monkeypatch.setattr(model, "flow_matching_loss", poisoned)
     monkeypatch.setattr(train, "train_step", lambda r: (step(r), train_step_count.__setitem__(0, r.step))[0])
     code = main_in_process(cpu_env(tmp_path, SPEEDRUN_RUN_ID="nan", SPEEDRUN_CKPT_EVERY="2"))
     log = (tmp_path / "logs" / "nan.txt").read_text()
     assert code == 1 and "STOP: non-finite loss at step 3" in log
-    ckpt = train.latest_checkpoint(tmp_path / "checkpoints" / "nan")
+    ckpt = checkpoint.latest_checkpoint(tmp_path / "checkpoints" / "nan")
     assert ckpt.name == "step-00000002"
     assert torch.isfinite(load_file(str(ckpt / "model.safetensors"))["final.weight"]).all()
 
@@ -236,15 +240,16 @@ def reference(tmp_path_factory):
 def test_cpu_track_end_to_end(reference):
     out = reference
     log = (out / "logs" / "ref.txt").read_text()
-    src = evaluation.embedded_sources(log)  # the eval helper's `verify` parser
-    for name in ("train.py", "model.py", "data.py"):
-        assert src[name][0] == evaluation.sha256(ROOT / name) and src[name][1] is not None, name
+    src = record.embedded_sources(log)  # what `record.py verify` and `extract` read
+    assert set(src) == set(record.SOURCES)
+    for name in record.SOURCES:
+        assert src[name][0] == data.file_sha256(ROOT / name) and src[name][1] == (ROOT / name).read_text(), name
     for key in ("git:", "dirty:", "data_manifest:scenes:", "python:", "torch:", "world:1", "track:cpu",
                 "trained once on the procedural scenes", "teacher freed", "p_short:0.5", "sprint_drop:0.75",
                 "done: track:cpu",
                 "stall_s:", "checkpoint_written:", "peak: spec"):
         assert key in log, key
-    rows = evaluation.parse_log(out / "logs" / "ref.txt")
+    rows = record.parse_log(out / "logs" / "ref.txt")
     total = sum(round(s.steps * float(SCALE)) for s in train.CPU.stages)
     assert [r["step"] for r in rows] == list(range(1, total + 1))
     assert {r["stage"] for r in rows} == {1, 2, 3, 4}
@@ -271,21 +276,21 @@ def test_kill_and_resume_match_uninterrupted(reference):
     out, env = reference, {"SPEEDRUN_STEPS_SCALE": SCALE, "SPEEDRUN_CKPT_EVERY": "5"}
     r = run_train(out, SPEEDRUN_RUN_ID="kill", SPEEDRUN_KILL_AT="3:TERM", **env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert train.latest_checkpoint(out / "checkpoints" / "kill").name == "step-00000004"
+    assert checkpoint.latest_checkpoint(out / "checkpoints" / "kill").name == "step-00000004"
     burn_in = round(train.CPU.stages[0].steps * float(SCALE))  # 6: the checkpoint at the end of the REPA burn-in
     r = run_train(out, SPEEDRUN_RESUME="kill", SPEEDRUN_KILL_AT=f"{burn_in + 1}:KILL", **env)
     assert r.returncode == -signal.SIGKILL
-    assert train.latest_checkpoint(out / "checkpoints" / "kill").name == f"step-{burn_in:08d}"
+    assert checkpoint.latest_checkpoint(out / "checkpoints" / "kill").name == f"step-{burn_in:08d}"
     r = run_train(out, SPEEDRUN_RESUME="kill", SPEEDRUN_KILL_AT="22:KILL", **env)  # resumes without the REPA group
     assert r.returncode == -signal.SIGKILL
-    assert train.latest_checkpoint(out / "checkpoints" / "kill").name == "step-00000020"
+    assert checkpoint.latest_checkpoint(out / "checkpoints" / "kill").name == "step-00000020"
     r = run_train(out, SPEEDRUN_RESUME="kill", **env)
     assert r.returncode == 0, r.stderr[-3000:]
     log = (out / "logs" / "kill.txt").read_text()
     assert "STOP: SIGTERM; saved at step 4" in log and "at step:4" in log and "at step:20" in log
     _, w_ref, e_ref = final_weights(out, "ref")
     ckpt, w, e = final_weights(out, "kill")
-    assert ckpt.name == train.latest_checkpoint(out / "checkpoints" / "ref").name
+    assert ckpt.name == checkpoint.latest_checkpoint(out / "checkpoints" / "ref").name
     assert all(torch.equal(w[k], w_ref[k]) for k in w_ref) and all(torch.equal(e[k], e_ref[k]) for k in e_ref)
 
 
@@ -346,31 +351,32 @@ def test_checkpoint_written_in_the_background_holds_the_state_at_save_time(tmp_p
     """save_checkpoint returns while the write is still blocked; training goes on; the checkpoint that lands holds
     the weights of the step it was taken at (a host copy, not the live tensors), and a failed write is raised."""
     import threading
-    gate, write = threading.Event(), train.write_checkpoint
-    monkeypatch.setattr(train, "write_checkpoint", lambda *a: (gate.wait(30), write(*a)))
+    gate, write = threading.Event(), checkpoint.write_checkpoint
+    monkeypatch.setattr(checkpoint, "write_checkpoint", lambda *a: (gate.wait(30), write(*a)))
     run = make_run(tmp_path)
     train.enter_stage(run, 1)
     train.train_step(run)
     at_save = {k: v.clone() for k, v in run.model.state_dict().items()}
     train.save_checkpoint(run, "test")
-    assert run.writer["thread"].is_alive() and train.latest_checkpoint(tmp_path / "checkpoints" / "test") is None
+    assert run.writer.job["thread"].is_alive()
+    assert checkpoint.latest_checkpoint(tmp_path / "checkpoints" / "test") is None
     train.train_step(run)  # the weights change while the write waits
     assert any(not torch.equal(v, at_save[k]) for k, v in run.model.state_dict().items())
     gate.set()
     train.wait_for_checkpoint(run)
-    ckpt = train.latest_checkpoint(tmp_path / "checkpoints" / "test")
-    assert ckpt.name == "step-00000001" and run.writer is None
+    ckpt = checkpoint.latest_checkpoint(tmp_path / "checkpoints" / "test")
+    assert ckpt.name == "step-00000001" and run.writer.job is None
     saved = load_file(str(ckpt / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in at_save.items())
 
     def broken(*a):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(train, "write_checkpoint", broken)
+    monkeypatch.setattr(checkpoint, "write_checkpoint", broken)
     train.save_checkpoint(run, "test")
     with pytest.raises(RuntimeError, match="step-00000002") as e:
         train.wait_for_checkpoint(run)
     assert isinstance(e.value.__cause__, OSError)
-    assert train.latest_checkpoint(tmp_path / "checkpoints" / "test").name == "step-00000001"  # the previous stays
+    assert checkpoint.latest_checkpoint(tmp_path / "checkpoints" / "test").name == "step-00000001"  # the previous stays
 
 
 def test_binned_validation_loss_is_deterministic_and_binned(tmp_path):
@@ -384,10 +390,10 @@ def test_binned_validation_loss_is_deterministic_and_binned(tmp_path):
     run.logf.close()
     lines = [x for x in (tmp_path / "log.txt").read_text().splitlines() if x.startswith("val_loss:")]
     assert len(lines) == 2 and lines[0] == lines[1]
-    vals = evaluation.parse_val_loss([tmp_path / "log.txt"])["stage2"]
+    vals = record.parse_val_loss([tmp_path / "log.txt"])["stage2"]
     assert set(vals) == {"res", "mean"} | {f"t{t}" for t in train.VAL_T}
     bins = [vals[f"t{t}"] for t in train.VAL_T]
     assert len(set(bins)) == len(bins) and all(v > 0 for v in bins) and vals["res"] == 32
     assert vals["mean"] == pytest.approx(sum(bins) / len(bins), abs=1e-4)
     images, captions = data.validation_batch("scenes", 32, train.VAL_N)
-    assert images.shape == (train.VAL_N, 3, 32, 32) and captions == [s.long_caption for s in data.heldout_scenes(32)]
+    assert images.shape == (train.VAL_N, 3, 32, 32) and captions == [s.long_caption for s in scenes.heldout_scenes(32)]

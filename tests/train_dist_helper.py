@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 import train
 
@@ -36,12 +37,9 @@ def main(out: Path):
     out.mkdir(parents=True, exist_ok=True)
     run = train.setup(os.environ, track=TRACK)
     run.id = "dist"
-    total = sum(s.steps for s in TRACK.stages)
-    while run.step < total:
-        k = train.stage_at(run.tr, run.step)
-        if k != run.k:
-            train.enter_stage(run, k)
-        train.train_step(run)
+    for k, end in enumerate(train.stage_ends(run.tr)):  # train.main's spine, without logs, grids and checkpoints
+        train.enter_stage(run, k)
+        train.train_stage(run, end, tqdm(disable=True), kill_at="")
     params, grads = muon_matrices()
     opt = train.Muon(params, lr=0.02, weight_decay=0.1, rank=run.rank, world=run.world)
     for gs in grads:
@@ -49,7 +47,7 @@ def main(out: Path):
             p.grad = g.clone()
         opt.step()
     if run.rank == 0:
-        save_file(train.tensors(run.model), str(out / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in run.model.state_dict().items()}, str(out / "model.safetensors"))
         save_file({f"p{i}": p.detach() for i, p in enumerate(params)}, str(out / "muon.safetensors"))
     if run.world > 1:
         torch.distributed.destroy_process_group()

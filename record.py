@@ -1,0 +1,287 @@
+"""record.py: the record format in one place. A run's log is its record; this file writes its header, reads it back,
+extracts and checks the code it embeds, and makes records/ folders (the leaderboard tables: eval.py).
+
+    python record.py make --track cpu --ckpt CKPT --log logs/<run-id>.txt --name NAME  # records/<track>/<date>_NAME
+    python record.py verify records/<track>/<date>_<name> [--ckpt CKPT]  # hashes agree; re-evaluate with the ckpt
+    python record.py extract records/<track>/<date>_<name> OUT          # the code as run, into OUT, runnable there
+
+The log (logs/<run-id>.txt, written by train.py), in order:
+    ==== <file> sha256:<hex> ====         then that file's text: every file of SOURCES, the code as run
+    ==== end of sources ====              then git:<commit> dirty:<bool> and data_manifest:<source>:<hash>,...
+    python:... / track:<name> variant:<v> run:<id> ... / peak: / hyper: / plan: stage <k> ...
+    stage:<k> name:... res:...            at each stage start
+    step:<n>/<total> stage:<k> loss:...   one line per optimizer step (ms, img/s, mfu, mem_gb, seen: images so far)
+    val_loss: stage:<k> res:<px> t0.1:... mean:...  / sample_grid:<png> / checkpoint:... / done: ... wall_s:<s>
+Lines are space-separated key:value tokens after their tag, so a parser needs no list of keys. A records/ folder
+holds the log(s), metrics.json (every number, N, the protocol and its hash, code hashes), samples.png, loss.png and a
+README.md; the code as run is in the log, not copied beside it (`extract` writes it out).
+"""
+import argparse
+import datetime
+import hashlib
+import importlib.util
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+import eval as evaluation
+
+HERE = Path(__file__).resolve().parent
+# every file train.py runs (imports), in the order a reader meets them
+SOURCES = ("train.py", "model.py", "data.py", "scenes.py", "prepare.py", "checkpoint.py", "eval.py", "record.py")
+SRC_HEADER = re.compile(r"^==== (\S+) sha256:([0-9a-f]{64}) ====$", re.MULTILINE)
+NUM = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)")
+
+
+# ======================================================================================================================
+# Writing: the log's header
+
+
+def git(*args) -> str:
+    try:
+        out = subprocess.run(["git", *args], check=False, cwd=HERE, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def data_manifest(tr) -> str:
+    """Every source the stages read (a mixture's parts included), each with data.py's hash of it."""
+    names = {s for st in tr.stages for s in (data.MIXES[st.source][:2] if st.source in data.MIXES else (st.source,))}
+    return ",".join(f"{n}:{data.source_hash(n)}" for n in sorted(names))
+
+
+def write_sources(f, tr):
+    """The header of a new log: the code as run (each file's text after its hash), the commit, the data."""
+    for name in SOURCES:
+        f.write(f"==== {name} sha256:{data.file_sha256(HERE / name)} ====\n{(HERE / name).read_text()}\n")
+    dirty = bool(git("status", "--porcelain"))
+    f.write(f"==== end of sources ====\ngit:{git('rev-parse', 'HEAD') or 'unknown'} dirty:{dirty}\n"
+            f"data_manifest:{data_manifest(tr)}\n")
+
+
+def source_hashes() -> str:
+    """`name:sha256:hex` of every source (the line a resumed run logs: the code may have changed)."""
+    return " ".join(f"{n}:sha256:{data.file_sha256(HERE / n)}" for n in SOURCES)
+
+
+# ======================================================================================================================
+# Reading: sources, step lines, validation loss
+
+
+def embedded_sources(text: str) -> dict:
+    """{name: (declared sha256, embedded text)} from a log: after each `==== name sha256:hex ====` line comes the
+    file's text; it ends at the first line boundary where the text's hash matches (text None if none does)."""
+    out = {}
+    for m in SRC_HEADER.finditer(text):
+        body, want = text[m.end() + 1:], m.group(2)
+        h = hashlib.sha256()
+        pos, found = 0, None
+        for line in body.split("\n"):
+            g = h.copy()
+            g.update(line.encode())  # a file without a final newline (the writer added one)
+            h.update((line + "\n").encode())
+            if g.hexdigest() == want or h.hexdigest() == want:
+                found = body[:pos + len(line) + (h.hexdigest() == want)]
+                break
+            if SRC_HEADER.match(line):
+                break
+            pos += len(line) + 1
+        out[m.group(1)] = (want, found)
+    return out
+
+
+def parse_log(path) -> list[dict]:
+    """Per-step lines `step:12/400 stage:1 loss:0.1234 ...` -> dicts (numbers as float, `a/b` -> a)."""
+    rows = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        if line.startswith("step:"):
+            kv = [(k, v.split("/")[0]) for k, _, v in (tok.partition(":") for tok in line.split())]
+            rows.append({k: float(v) if NUM.fullmatch(v) else v for k, v in kv})
+    return rows
+
+
+def parse_val_loss(logs) -> dict:
+    """train.py's `val_loss: stage:k res:r t0.1:x ... mean:m` lines -> {"stage<k>": {...}}; the last: the run's end."""
+    out = {}
+    for line in "".join(Path(p).read_text(errors="replace") for p in logs).splitlines():
+        if line.startswith("val_loss:"):
+            kv = dict(tok.split(":", 1) for tok in line.split()[1:])
+            stage = kv.pop("stage")
+            out[f"stage{stage}"] = {k: float(v) for k, v in kv.items()}
+    return out
+
+
+def record_logs(path) -> list[Path]:
+    """The training log(s) of a records/ folder (or one log file)."""
+    p = Path(path)
+    return [p] if p.is_file() else [q for q in sorted(p.iterdir()) if q.suffix in (".txt", ".log")]
+
+
+def extract(path, out) -> list[str]:
+    """Write the code as run (every source embedded in the log(s) at `path`) into folder `out`; returns the names.
+    A source whose text does not hash as declared is refused (never written)."""
+    logs = record_logs(path)
+    src = {}
+    for log in logs:
+        src.update(embedded_sources(log.read_text(errors="replace")))
+    bad = [n for n, (_, text) in src.items() if text is None]
+    if not src or bad:
+        raise SystemExit(f"record.py: {path}: " + (f"{', '.join(bad)} do not hash as declared" if bad else
+                                                   "no embedded sources (not a train.py log?)"))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for name, (_, text) in src.items():
+        (Path(out) / name).write_text(text)
+    return sorted(src)
+
+
+def recorded_module(log_text: str, name: str):
+    """Import the embedded `name` (e.g. "model.py") of a log as a module of its own: the code as run, whatever this
+    checkout's files are and whatever was imported before (sys.path and sys.modules are not consulted for it)."""
+    want, text = embedded_sources(log_text).get(name, (None, None))
+    if text is None:
+        raise ValueError(f"{name} is not embedded in the log, or does not hash as declared")
+    spec = importlib.util.spec_from_loader(f"recorded_{name[:-3]}_{want[:12]}", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their class's module up
+    exec(compile(text, f"<recorded {name} {want[:12]}>", "exec"), module.__dict__)  # noqa: S102 (hash-checked code)
+    return module
+
+
+# ======================================================================================================================
+# Records: verify, make
+
+
+def verify(record_dir, ckpt=None, rtol=0.02) -> list[str]:
+    """Problems found (empty = verified): every log embeds train.py, model.py and data.py, every embedded source
+    hashes as declared, metrics.json's code hashes agree with the log's; with a checkpoint, the recorded model.py
+    (loaded explicitly from the log) is re-evaluated under this eval.py's protocol, and the numbers compared."""
+    d = Path(record_dir)
+    if not (d / "metrics.json").is_file():
+        raise SystemExit(f"record.py: {d} is not a record folder (no metrics.json); records are under records/<track>/")
+    try:
+        meta = json.loads((d / "metrics.json").read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"record.py: {d / 'metrics.json'} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or (ckpt and meta.get("track") not in evaluation.PROTOCOLS):
+        raise SystemExit(f"record.py: {d / 'metrics.json'} names no known track ({', '.join(evaluation.PROTOCOLS)})")
+    logs = record_logs(d)
+    problems = [] if logs else ["no training log"]
+    declared = {}
+    for log in logs:
+        src = embedded_sources(log.read_text(errors="replace"))
+        for name in ("train.py", "model.py", "data.py"):
+            if name not in src:
+                problems.append(f"{log.name}: {name} not embedded")
+        for name, (want, text) in src.items():
+            if text is None:
+                problems.append(f"{log.name}: embedded {name} does not hash to its declared sha256")
+            declared[name] = want
+    for name, h in meta.get("code_hashes", {}).items():  # eval.py of a record older than its embedding: from git
+        if name in declared and declared[name] != h:
+            problems.append(f"{name}: hash in metrics.json differs from the log's")
+    if ckpt and meta.get("protocol_hash") != evaluation.protocol_hash(evaluation.PROTOCOLS[meta["track"]]):
+        problems.append(f"protocol {meta.get('protocol_hash')} is not this eval.py's: re-evaluation would not compare")
+    elif ckpt and not problems:
+        text = logs[-1].read_text(errors="replace")
+        ran = re.search(r"^data_manifest:(\S*)", text, re.MULTILINE)
+        now = data.source_hash("scenes" if meta["track"] == "cpu" else "mj-llava")
+        if ran and now not in ran.group(1):
+            problems.append(f"the evaluation data differ from the run's ({ran.group(1)} vs {now})")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, enc = evaluation.load_checkpoint(ckpt, device, model_lib=recorded_module(text, "model.py"))
+        new = evaluation.evaluate(model, enc, meta["track"], meta["n"])
+        for k in ("fid", "cmmd", "dino_mmd", "fd_dinov2"):
+            if isinstance(meta.get(k), float) and not math.isclose(new[k], meta[k], rel_tol=rtol):
+                problems.append(f"{k}: re-evaluated {new[k]:.4f} vs recorded {meta[k]:.4f}")
+    return problems
+
+
+def loss_curve(logs, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for log in logs:
+        rows = [r for r in parse_log(log) if isinstance(r.get("loss"), float)]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=Path(log).name, lw=0.8)
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def make_record(track, ckpt, logs, name, description="", n=None, hardware=None, wall_clock=None, root="records"):
+    """records/<track>/<date>_<name>/: the logs, metrics.json, samples.png, loss.png, README.md."""
+    today = datetime.date.today().isoformat()
+    d = Path(root) / track / f"{today}_{name}"
+    d.mkdir(parents=True, exist_ok=False)
+    text = "".join(Path(p).read_text(errors="replace") for p in logs)
+    for log in logs:
+        (d / Path(log).name).write_text(Path(log).read_text(errors="replace"))
+    model, enc = evaluation.load_checkpoint(ckpt, "cuda" if torch.cuda.is_available() else "cpu")
+    metrics = evaluation.evaluate(model, enc, track, n)
+    proto = evaluation.PROTOCOLS[track]
+    evaluation.sample_grid(model, enc, evaluation.grid_prompts(track), proto["res"], d / "samples.png",
+                           proto["steps"], proto["cfg_scale"], 0, proto["method"], proto["shift"], proto["interval"],
+                           proto["weak"])
+    loss_curve(logs, d / "loss.png")
+    rows = [{}] + [r for log in logs for r in parse_log(log)]  # rows[-1]: the last step line
+    if wall_clock is None:  # train.py's final `done: ... wall_s:<s>` line; else the sum of step times
+        m = re.findall(r"\bwall(?:_clock)?_s:([\d.]+)", text)
+        wall_clock = float(m[-1]) if m else sum(r["ms"] for r in rows if isinstance(r.get("ms"), float)) / 1e3
+    variants = re.findall(r"^track:\S+ variant:(\S+)", text, re.MULTILINE)  # train.VARIANTS (ablations)
+    code = {k: h for k, (h, _) in embedded_sources(text).items()}
+    code["eval.py (evaluated)"] = data.file_sha256(HERE / "eval.py")
+    metrics.update(name=name, date=today, description=description,
+                   hardware=hardware or evaluation.environment()["eval_hardware"], wall_clock_s=round(wall_clock, 1),
+                   variant=variants[-1] if variants else "baseline", steps=rows[-1].get("step"),
+                   images_seen=rows[-1].get("seen"), protocol=proto, val_loss=parse_val_loss(logs), code_hashes=code,
+                   software=evaluation.environment(), ckpt=str(ckpt))
+    (d / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    fid, wall = evaluation.fmt(metrics["fid"], 2), evaluation.fmt_time(metrics["wall_clock_s"])
+    (d / "README.md").write_text(
+        f"# {name}\n\n{description}\n\nTrack {track}: FID {fid} at N={metrics['n']}, protocol "
+        f"{metrics['protocol_hash']}; wall clock {wall} on {metrics['hardware']}.\n\n"
+        "Check: `python record.py verify <this folder> [--ckpt <checkpoint>]`; the code as run: "
+        "`python record.py extract <this folder> <new folder>`.\n")
+    return d
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("make", help="create a records/ folder end to end (evaluates the checkpoint)")
+    r.add_argument("--ckpt", required=True)
+    r.add_argument("--track", default="cpu", choices=evaluation.PROTOCOLS)
+    r.add_argument("--num-samples", dest="n", type=evaluation.positive_int, help="smaller N for quick checks")
+    r.add_argument("--log", action="append", required=True)
+    r.add_argument("--name", required=True)
+    for k, typ in (("--desc", str), ("--hardware", str), ("--wall-clock", float)):
+        r.add_argument(k, type=typ, help="default: '', the eval machine, the log's wall_s")
+    v = sub.add_parser("verify", help="check a record's log and hashes; re-evaluate with --ckpt")
+    v.add_argument("record")
+    v.add_argument("--ckpt")
+    x = sub.add_parser("extract", help="write the code as run (embedded in the log) into a folder")
+    x.add_argument("record", help="a records/ folder or a log file")
+    x.add_argument("out")
+    a = p.parse_args(argv)
+    if a.cmd == "make":
+        print("wrote", make_record(a.track, a.ckpt, a.log, a.name, a.desc or "", a.n, a.hardware, a.wall_clock))
+        print("updated:", evaluation.write_leaderboard())
+    elif a.cmd == "verify":
+        problems = verify(a.record, a.ckpt)
+        print("\n".join(problems) or "verified")
+        sys.exit(1 if problems else 0)
+    elif a.cmd == "extract":
+        print(f"wrote {', '.join(extract(a.record, a.out))} to {a.out}/ (run them there, e.g. `python train.py`)")
+
+
+if __name__ == "__main__":
+    main()
