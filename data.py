@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 import scenes
 
 DATA_ROOT = Path(os.environ.get("SPEEDRUN_DATA", "datasets"))
-HELDOUT_DIR = Path(__file__).resolve().parent / "heldout"  # committed id lists (written by `python data.py`)
+HELDOUT_DIR = Path(__file__).resolve().parent / "heldout"  # committed id lists (written by `python prepare.py`)
 HELDOUT_PERMILLE = 10  # 1 % of rows, chosen by a hash of the row id: ~9.9 K images of midjourney-v6-llava
 T5GEMMA = "google/t5gemma-2b-2b-ul2"
 # what bad input raises (PIL: OSError/SyntaxError/DecompressionBombError; pyarrow: ArrowException; missing keys)
@@ -172,7 +172,7 @@ class TextCache:
         self.dir, self.files = Path(folder), {}
         self.meta = json.loads((self.dir / "meta.json").read_text())
         if fingerprint is not None and self.meta["fingerprint"] != fingerprint:
-            raise RuntimeError(f"cache {folder} was built for other shards; rebuild it (python data.py --cache)")
+            raise RuntimeError(f"cache {folder} was built for other shards; rebuild it (python prepare.py --cache)")
         self.starts = {k: sorted(int(p.stem.split("-")[1]) for p in self.dir.glob(f"{k}-*.safetensors"))
                        for k in ("long", "short")}
 
@@ -230,7 +230,10 @@ class ParquetSource:
         files = [root] if root.is_file() else sorted(f for f in root.rglob("*.parquet")
                                                       if not f.relative_to(root).parts[0].startswith("prepared-"))
         self.cols = [c for c in (image, long, short) if c]
-        self.image, self.long, self.short, self.split = image, long, short, split  # column names
+        self.image = image  # column names
+        self.long = long
+        self.short = short
+        self.split = split
         self.window_rows = window_rows  # rows shuffled together (order)
         self.block_rows = block_rows  # the read unit
         self.cache_blocks = -(-window_rows // block_rows)  # blocks kept in memory: one window's
@@ -238,7 +241,9 @@ class ParquetSource:
         self.bad = []  # what was skipped, and why
         self.heldout_ids = []
         self.status = None  # the column that marks failed long captions, if the source has one
-        blocks, keep, sizes = [], [], []
+        blocks = []  # the read units
+        keep = []  # per row: served by this split
+        sizes = []  # rows per readable shard
         for f in files:
             try:
                 pf = pq.ParquetFile(f)
@@ -274,7 +279,8 @@ class ParquetSource:
         if prepared is not None:
             meta = json.loads((Path(prepared) / "meta.json").read_text())
             if meta["fingerprint"] != self.fingerprint:
-                raise RuntimeError(f"{prepared} was prepared from other shards; run `python data.py --prepare` again")
+                raise RuntimeError(f"{prepared} was prepared from other shards; "
+                                   "run `python prepare.py --prepare` again")
             self.prepared, self.prepared_meta = Path(prepared), meta
 
     @classmethod
@@ -385,7 +391,9 @@ class MixSource:
             if src.num_rows == 0:  # e.g. a parquet without an image column: nothing to mix in
                 raise ValueError(f"the mixture's {name} source has no usable rows"
                                  f"{': ' + '; '.join(src.bad[:3]) if src.bad else ''}")
-        self.a, self.b, self.frac = a, b, frac
+        self.a = a
+        self.b = b
+        self.frac = frac
         self.bad = a.bad + b.bad
         self.n_b = round(frac / (1 - frac) * a.num_rows)
         self.num_rows, self.total_rows = a.num_rows + self.n_b, a.total_rows + b.total_rows
@@ -408,14 +416,16 @@ class MixCache:
     """The caption cache of a MixSource: its rows of `a` from a's cache, the rows after them from b's."""
 
     def __init__(self, a, b, offset):
-        self.a, self.b, self.offset = a, b, offset
+        self.a = a
+        self.b = b
+        self.offset = offset
 
     def get(self, kind, row):
         return self.a.get(kind, row) if row < self.offset else self.b.get(kind, row - self.offset)
 
 
 def text_cache_dir(source):
-    """Where `python data.py --cache` put a source's caption embeddings: a folder, (folder, folder) for a
+    """Where `python prepare.py --cache` put a source's caption embeddings: a folder, (folder, folder) for a
     mixture, or None when a part has no cache (the stage then encodes live)."""
     names = MIXES[source][:2] if source in MIXES else (source,)
     dirs = tuple(DATA_ROOT / n / "cache" for n in names)
@@ -438,8 +448,9 @@ def validation_batch(source, res, n):
         held = scenes.heldout_scenes(n)
         return torch.stack([scenes.render_scene(s, res) for s in held]), [s.long_caption for s in held]
     src = ParquetSource.from_name(MIXES[source][0] if source in MIXES else source, DATA_ROOT, split="heldout")
-    rows = [src.load(int(r), res) for r in np.flatnonzero(src.keep)[:n]]
-    return torch.stack([r[0] for r in rows]), [pick_caption(r[1], r[2], False)[0] for r in rows]
+    rows = [src.load(int(r), res) for r in np.flatnonzero(src.keep)[:n]]  # (image, long, short)
+    return (torch.stack([img for img, _, _ in rows]),
+            [pick_caption(long, short, False)[0] for _, long, short in rows])
 
 
 # ======================================================================================================================
@@ -457,7 +468,10 @@ class _Stream(IterableDataset):
     """Batch b of rank r holds global positions (b*B + j)*world + r; worker w of W makes batches b = start+w (mod W)."""
 
     def __init__(self, source, res, batch_size, rank, world, seed, p_short, start, cache_dir):
-        self.source, self.res, self.B, self.seed = source, res, batch_size, seed
+        self.source = source
+        self.res = res
+        self.B = batch_size
+        self.seed = seed
         self.rank, self.world = rank, world
         self.p_short = float(p_short)  # share of samples asked for their short caption
         self.start = start  # the first batch (a resume's position)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import numpy as np
-import scenes
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -30,6 +29,7 @@ from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT
 
 import data
 import model as model_lib
+import scenes
 
 # ======================================================================================================================
 # Frozen evaluation protocol. Any change to a block bumps its version; the hash goes into every result.
@@ -41,7 +41,8 @@ PROTOCOLS = {
                "method": "euler", "steps": 50, "cfg_scale": 3.5, "interval": (0.0, 1.0), "shift": 4.0, "weak": "cfg",
                "seed": 42, "metrics": ("fid", "cmmd", "dino_mmd", "fd_dinov2"),
                "dino_mmd_resize": "F.interpolate bicubic 518x518, align_corners=False, antialias=False, no crop"},
-    # CPU track: held-out compositions (data.heldout_scenes), long captions as prompts, FID + adherence; adherence also
+    # CPU track: held-out compositions (scenes.heldout_scenes: the string below, hashed, predates scenes.py), long
+    # captions as prompts, FID + adherence; adherence also
     # on n_train fresh training-distribution scenes. v2: the track's 96 px and shift (96 / 16), 8 Euler steps (as good
     # as 32 on the checker, measured), batches of 64. v1 (128 px, 32 steps) holds the first record.
     "cpu": {"version": 2, "eval_set": "data.heldout_scenes", "n": 1_000, "res": 96, "method": "euler", "steps": 8,

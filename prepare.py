@@ -129,7 +129,7 @@ def prepare(name, root=data.DATA_ROOT):
 # Training-ready shards and the caption-embedding cache
 
 
-PREPARED_QUALITY = 95  # JPEG q95, 4:4:4 chroma: the prepared format (the candidates: `python data.py --bench`)
+PREPARED_QUALITY = 95  # JPEG q95, 4:4:4 chroma: the prepared format (the candidates: `python prepare.py --bench`)
 
 
 def prepare_images(src: ParquetSource, res, out_dir, file_rows=4096, group_rows=64):
@@ -262,7 +262,7 @@ def main():
                 prepare_images(ParquetSource.from_name(name, a.root), res, Path(a.root) / name / f"prepared-{res}")
     if a.cache:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-        enc = data.TextEncoder(a.encoder, device=dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
+        enc = data.TextEncoder.from_name(a.encoder, dev)
         for name in a.sources:
             cache_report(build_cache(ParquetSource.from_name(name, a.root), enc, Path(a.root) / name / "cache"))
 

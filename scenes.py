@@ -17,6 +17,8 @@ from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT
 
 # ======================================================================================================================
 # Scenes: what they hold, their captions, the seeded generator
+
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 215, 50),
            "white": (245, 245, 245)}
 BACKGROUNDS = {"black": (15, 15, 15), "gray": (128, 128, 128)}

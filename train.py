@@ -72,7 +72,7 @@ class Track:
     preset: str  # model.PRESETS key
     stages: tuple
     text_encoder: str  # data.TextEncoder name or path; "cpu_track" = data.TextEncoder.cpu_track()
-    teacher_id: str  # REPA teacher for transformers' from_pretrained; "scenes" = data.scene_teacher (CPU, offline)
+    teacher_id: str  # REPA teacher for transformers' from_pretrained; "scenes" = scenes.scene_teacher (CPU, offline)
     shift_base: int  # resolution where the SD3 time shift is 1: a = res / shift_base (sampler uses the same a)
     lr: float = 1e-4  # AdamW lr; Muon reuses it through Moonshot's match_rms_adamw scaling
     warmup: int = 1000  # linear LR warmup steps, then constant

@@ -97,7 +97,7 @@ def test_two_processes_match_one(tmp_path):
         outs[name] = load_file(str(tmp_path / name / "model.safetensors"))
     import train_dist_helper
     torch.manual_seed(train_dist_helper.TRACK.seed)
-    init = train.PRX(dataclasses.replace(train.PRESETS["tiny"], text_dim=384)).state_dict()
+    init = model.PRX(dataclasses.replace(model.PRESETS["tiny"], text_dim=384)).state_dict()
     moved = max((outs["one"][k] - init[k]).abs().max().item() for k in init)
     diff = max((outs["one"][k] - outs["two"][k]).abs().max().item() for k in init)
     assert moved > 1e-3  # the steps did train
@@ -145,12 +145,12 @@ def test_fp32_state_under_autocast(tmp_path):
 def test_repa_loss_gathers_teacher_tokens_at_kept_indices():
     g = torch.Generator().manual_seed(0)
     y = torch.randn(2, 16, 8, generator=g)  # teacher tokens of a 4x4 grid
-    keep = train.sprint_keep_indices(2, 4, 4, generator=g)
+    keep = model.sprint_keep_indices(2, 4, 4, generator=g)
     kept = y.gather(1, keep[..., None].expand(-1, -1, 8))
     ident = torch.nn.Identity()
-    assert torch.allclose(train.repa_loss(ident, kept, y, keep), torch.full((2,), -1.0))  # aligned at kept tokens
-    assert torch.allclose(train.repa_loss(ident, y, y), torch.full((2,), -1.0))  # dense
-    assert (train.repa_loss(ident, y[:, :4], y, keep) > -0.9).all()  # other tokens: not aligned
+    assert torch.allclose(model.repa_loss(ident, kept, y, keep), torch.full((2,), -1.0))  # aligned at kept tokens
+    assert torch.allclose(model.repa_loss(ident, y, y), torch.full((2,), -1.0))  # dense
+    assert (model.repa_loss(ident, y[:, :4], y, keep) > -0.9).all()  # other tokens: not aligned
 
 
 def test_stage_transitions(tmp_path, monkeypatch):
@@ -162,18 +162,16 @@ def test_stage_transitions(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "next_batch", lambda r: batches.append(next_batch(r)) or batches[-1])
     run.model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
     per_stage = {}
-    total = sum(s.steps for s in TINY.stages)
-    while run.step < total:
-        k = train.stage_at(TINY, run.step)
-        if k != run.k:
-            train.enter_stage(run, k)
-        batches.clear()
-        calls.clear()
-        m = train.train_step(run)
-        groups = [g["name"] for g in run.adamw.param_groups]
-        per_stage.setdefault(k, []).append(dict(
-            m, teacher=run.teacher is not None, groups=groups, keep=[c["keep_idx"] is not None for c in calls],
-            short=[bool(b["short"].any()) for b in batches], n_state=len(run.adamw.state)))
+    for k, end in enumerate(train.stage_ends(TINY)):  # train.main's spine, one step at a time
+        train.enter_stage(run, k)
+        while run.step < end:
+            batches.clear()
+            calls.clear()
+            m = train.train_step(run)
+            groups = [g["name"] for g in run.adamw.param_groups]
+            per_stage.setdefault(k, []).append(dict(
+                m, teacher=run.teacher is not None, groups=groups, keep=[c["keep_idx"] is not None for c in calls],
+                short=[bool(b["short"].any()) for b in batches], n_state=len(run.adamw.state)))
     s1, s2, s3, s4 = (per_stage[k] for k in range(4))
     assert all(r["repa"] is not None and r["teacher"] and "repa" in r["groups"] for r in s1)
     assert all(r["repa"] is None and not r["teacher"] and r["groups"] == ["model"] for r in s2 + s3 + s4)
@@ -321,7 +319,7 @@ def test_skipped_rows_give_the_mean_over_the_served_samples(tmp_path, monkeypatc
         run = make_run(tmp_path / key)
         train.enter_stage(run, 1)  # dense, no REPA
         run.stage = dataclasses.replace(run.stage, batch=G)
-        batch = next(run.batches)
+        batch = train.next_batch(run)
         cut = {k: v[:0] if torch.is_tensor(v) or isinstance(v, list) else v for k, v in batch.items()}
         run.accum, run.batches = (2, iter([batch, cut])) if empty else (1, iter([batch]))
         monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture(key))
