@@ -81,10 +81,11 @@ def write_checkpoint(root: Path, step: int, snap: dict):
 
 class Writer:
     """One checkpoint write in flight, on a thread: start() returns once the state is copied to host memory (the
-    trainer's only stall); wait() joins the write and raises its error as a CheckpointError naming the intact
-    previous checkpoint (nothing is lost silently)."""
+    trainer's only stall); wait() joins the write, logs how long it took, and raises its error as a CheckpointError
+    naming the intact previous checkpoint (logged first: nothing is lost silently)."""
 
-    def __init__(self):
+    def __init__(self, log=print):
+        self.log = log  # where the written / failed lines go (train.py: the run's log)
         self.pool = {}  # page-locked host buffers, reused from one checkpoint to the next
         self.job = None  # the write in flight: thread, path, error, write_s
 
@@ -107,17 +108,19 @@ class Writer:
         return job["path"]
 
     def wait(self):
-        """Join the write in flight, if any: (its path, seconds it took), or None when there was none."""
+        """Join the write in flight, if any."""
         job, self.job = self.job, None
         if job is None:
-            return None
+            return
         job["thread"].join()
         if job["error"] is not None:
             root = job["path"].parent
             shutil.rmtree(root / f".tmp-{job['path'].name}", ignore_errors=True)  # the partial write, not a checkpoint
-            raise CheckpointError(f"writing checkpoint {job['path']} failed ({job['error']}); the previous checkpoint "
-                                  f"{latest_checkpoint(root) or '(none)'} is intact") from job["error"]
-        return job["path"], job["write_s"]
+            msg = (f"writing checkpoint {job['path']} failed ({job['error']}); the previous checkpoint "
+                   f"{latest_checkpoint(root) or '(none)'} is intact")
+            self.log(f"STOP: {msg}")
+            raise CheckpointError(msg) from job["error"]
+        self.log(f"checkpoint_written:{job['path']} write_s:{job['write_s']:.1f}")
 
 
 def matching_groups(sd, names):

@@ -16,6 +16,7 @@ text padded on the right, txt_mask True for real tokens.
 import itertools
 import math
 import re
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -281,8 +282,7 @@ def shift_time(t, a: float):
 
 
 def training_time(u: torch.Tensor, z: torch.Tensor, a: float) -> float:
-    """PRX's t of one training sample from two uniforms u and one normal z: logit-normal N(0, 1), 10 % uniform,
-    then shifted."""
+    """PRX's t of a training sample from uniforms u, normal z: logit-normal N(0, 1), 10 % uniform, shifted."""
     return shift_time(u[1].item() if u[0] < 0.1 else torch.sigmoid(z).item(), a)
 
 
@@ -298,7 +298,7 @@ def flow_matching_loss(model, x0, eps, t, txt, mask, keep_idx=None, path_drop=No
     return (v_hat - v).square().mean((1, 2, 3)), h, kept
 
 
-T_EPS = 1e-3  # the sampler never evaluates t = 0 (its last step is Euler); this clamp only guards the division
+T_EPS = 1e-3  # the sampler never evaluates t = 0 (its last step is Euler): this only guards the division
 
 
 def time_grid(steps: int, shift: float) -> list[float]:
@@ -417,6 +417,20 @@ def train_flops(cfg: PRXConfig, res: int, txt_len: int = 256, drop_ratio: float 
     attention = sum(4 * n * (L + n) * H for n in ns)  # q.k and p.v over L text + n image keys
     input_layers = 2 * N * D * cfg.bottleneck + 2 * L * cfg.text_dim * H + 2 * 256 * H
     return 3.0 * linear + 3.5 * attention + 2.0 * input_layers
+
+
+def peak_matmul_flops(device, dtype=torch.bfloat16, n=8192, reps=20):
+    """Dense matmul FLOP/s of this device (after 3 warm-ups): mfu_measured's denominator (train.py, gpu_check)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
 def count_params(cfg: PRXConfig) -> int:

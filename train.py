@@ -307,21 +307,6 @@ def draw_samples(run, index, step):
 # Setup: processes, model, optimizers, EMA, stages
 
 
-def peak_matmul_flops(device, dtype=torch.bfloat16, n=8192, reps=20):
-    """This device's dense matmul rate in FLOP/s (n^3 products after 3 warm-ups): the denominator of mfu_measured,
-    shared with tests/gpu_check.py so that the log and the check agree. About 1 s on an H100."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
 @dataclass
 class Run:
     """Everything a run holds, declared once. setup() fills the first block; the second changes as it trains."""
@@ -357,12 +342,13 @@ class Run:
     t0: float = 0.0  # wall clock at this process's start of training
     elapsed0: float = 0.0  # training clock carried over from the checkpoint resumed
     flags: dict = dataclasses.field(default_factory=dict)  # set by the SIGTERM handler
-    writer: checkpoint.Writer = dataclasses.field(default_factory=checkpoint.Writer)  # rank 0: the write in flight
+    writer: checkpoint.Writer | None = None  # the checkpoint write in flight (rank 0 writes)
 
 
 def setup(env=os.environ, track=None):
     run = Run(tr=track or select_track(env), out=Path(env.get("SPEEDRUN_OUT", ".")).resolve(), t0=time.time(),
               cache=Path(env.get("SPEEDRUN_CACHE", HERE / "cache")).resolve())
+    run.writer = checkpoint.Writer(log=lambda line: log(run, line))
     if "TORCHELASTIC_RUN_ID" in env and sys.platform == "linux":  # a torchrun worker must not outlive its launcher
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM (save, exit) when the parent dies
         if os.getppid() == 1:  # the launcher died before the call above
@@ -374,7 +360,7 @@ def setup(env=os.environ, track=None):
     if cuda:
         torch.cuda.set_device(run.device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        run.peak_measured = peak_matmul_flops(run.device)  # this card's bf16 matmul peak, beside the spec's
+        run.peak_measured = model.peak_matmul_flops(run.device)  # this card's bf16 matmul peak, beside the spec's
     run.amp = torch.bfloat16 if cuda else None  # FP32 master weights; bf16 only inside autocast
     run.enc = data.TextEncoder.from_name(run.tr.text_encoder, run.device)
     run.cfg = dataclasses.replace(model.PRESETS[run.tr.preset], text_dim=run.enc.dim)
@@ -447,11 +433,9 @@ def enter_stage(run, k):
                                   tr.workers, cache_dir=cache)
     run.batches = None
     log(run, f"stage:{k + 1} name:{st.name} res:{st.res} steps:{st.steps} batch:{st.batch} micro:{run.micro} "
-             f"accum:{run.accum} p_short:{st.p_short} repa:{st.repa or 'off'} "
-             f"sprint_drop:{st.sprint_drop} path_drop:{st.path_drop} lr_mult:{st.lr_mult[0]}->{st.lr_mult[1]} "
-             f"source:{st.source} "
-             f"text:{'cache' if cache else 'live'}",
-        console=True)
+             f"accum:{run.accum} p_short:{st.p_short} repa:{st.repa or 'off'} sprint_drop:{st.sprint_drop} "
+             f"path_drop:{st.path_drop} lr_mult:{st.lr_mult[0]}->{st.lr_mult[1]} source:{st.source} "
+             f"text:{'cache' if cache else 'live'}", console=True)
 
 
 # ======================================================================================================================
@@ -579,22 +563,11 @@ def train_step(run):
 # Checkpoints: safetensors weights + EMA, torch.save'd state; written to a temp dir, renamed when complete
 
 
-def wait_for_checkpoint(run):
-    """Join the write in flight, if any, and log how long it took; its error stops the run (logged first)."""
-    try:
-        done = run.writer.wait()
-    except checkpoint.CheckpointError as e:
-        log(run, f"STOP: {e}")
-        raise
-    if done:
-        log(run, f"checkpoint_written:{done[0]} write_s:{done[1]:.1f}")
-
-
 def save_checkpoint(run, why):
     """Checkpoints off the critical path: the trainer stalls only to copy the state to host memory; a thread writes
     it (checkpoint.Writer). Rank 0 writes: weights are equal on every rank and the optimizer state is replicated."""
     t = time.perf_counter()
-    wait_for_checkpoint(run)
+    run.writer.wait()
     if run.rank == 0:
         config = {"model": dataclasses.asdict(run.cfg), "track": run.tr.name, "text_encoder": run.tr.text_encoder,
                   "step": run.step}
@@ -610,8 +583,7 @@ def save_checkpoint(run, why):
 
 
 def restore_weights(run, contents: tuple) -> dict:
-    """A resume, first half (before any stage): weights, EMA, step, training clock, RNG. Returns the state the
-    stage it continues needs (restore_stage)."""
+    """A resume, first half (before any stage): weights, EMA, step, clock, RNG; returns the rest (restore_stage)."""
     weights, ema, state = contents
     run.model.load_state_dict(weights)
     run.ema.load_state_dict(ema)
@@ -622,8 +594,7 @@ def restore_weights(run, contents: tuple) -> dict:
 
 
 def restore_stage(run, state: dict):
-    """A resume, second half (once its stage is entered: the REPA group the optimizer state needs exists): the data
-    position when it stopped mid-stage (rank-independent), the REPA projector, the optimizer states."""
+    """A resume, second half, once its stage exists (its REPA group): data position, projector, optimizers."""
     if state["stage"] == run.k:
         run.loader.load_state_dict(state["loader"])
     if state["projector"] is not None and run.projector is not None:
@@ -725,7 +696,7 @@ def stage_grid(run):
 def maybe_kill(run, kill_at):
     """SPEEDRUN_KILL_AT="<step>:TERM|KILL": deterministic fault injection after that step (a write in flight lands)."""
     if kill_at and int(kill_at.split(":")[0]) == run.step:
-        wait_for_checkpoint(run)
+        run.writer.wait()
         os.kill(os.getpid(), getattr(signal, "SIG" + kill_at.split(":")[1]))
 
 
@@ -802,7 +773,7 @@ def main(env=os.environ):
             log(run, f"STOP: {why}; saved at step {run.step}; resume with SPEEDRUN_RESUME={run.id}", console=True)
             break
     bar.close()
-    wait_for_checkpoint(run)  # nothing is lost: the last write lands before the run reports
+    run.writer.wait()  # nothing is lost: the last write lands before the run reports
     if run.loader is not None:
         run.loader.close()
     if run.step >= total:

@@ -361,7 +361,7 @@ def test_checkpoint_written_in_the_background_holds_the_state_at_save_time(tmp_p
     train.train_step(run)  # the weights change while the write waits
     assert any(not torch.equal(v, at_save[k]) for k, v in run.model.state_dict().items())
     gate.set()
-    train.wait_for_checkpoint(run)
+    run.writer.wait()
     ckpt = checkpoint.latest_checkpoint(tmp_path / "checkpoints" / "test")
     assert ckpt.name == "step-00000001" and run.writer.job is None
     saved = load_file(str(ckpt / "model.safetensors"))
@@ -372,7 +372,7 @@ def test_checkpoint_written_in_the_background_holds_the_state_at_save_time(tmp_p
     monkeypatch.setattr(checkpoint, "write_checkpoint", broken)
     train.save_checkpoint(run, "test")
     with pytest.raises(RuntimeError, match="step-00000002") as e:
-        train.wait_for_checkpoint(run)
+        run.writer.wait()
     assert isinstance(e.value.__cause__, OSError)
     assert checkpoint.latest_checkpoint(tmp_path / "checkpoints" / "test").name == "step-00000001"  # the previous stays
 
