@@ -587,8 +587,7 @@ def restore_weights(run, contents: tuple) -> dict:
     weights, ema, state = contents
     run.model.load_state_dict(weights)
     run.ema.load_state_dict(ema)
-    run.step = state["step"]
-    run.elapsed0 = state["elapsed"]
+    run.step, run.elapsed0 = state["step"], state["elapsed"]
     torch.set_rng_state(state["rng"].cpu())
     return state
 
@@ -782,6 +781,7 @@ def main(env=os.environ):
                  f"data, teacher, sample grids, checkpoints)", console=True)
     if run.rank == 0:
         run.logf.close()
+        run.lock.close()  # the run directory is free again (a process's exit frees it too)
     if run.world > 1:
         dist.destroy_process_group()
     return code
