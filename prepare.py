@@ -202,7 +202,7 @@ def cpu_track_paths(cache: Path, seed: int, pool: int, encoder_name: str, repa_g
     """Where the CPU track's preparation lives under `cache`: its pool's caption cache (per seed, pool size and text
     encoder) and its REPA teacher (per token grid; None without REPA)."""
     text = cache / f"scenes-{seed}-{pool}-text-{hashlib.sha256(encoder_name.encode()).hexdigest()[:8]}"
-    teacher = cache / f"scene-teacher-dinov2-with-registers-tiny-grid{repa_grid}" if repa_grid else None
+    teacher = cache / f"scene-teacher-dinov2-with-registers-tiny-grid{repa_grid}-1thread" if repa_grid else None
     return text, teacher
 
 

@@ -181,12 +181,15 @@ def scene_teacher(path, steps=600, batch=32, grid=8, seed=0) -> str:
     """The CPU track's REPA teacher, trained once during data preparation (outside the clock) and cached at `path`:
     a tiny DINOv2-with-registers whose patch tokens learn, from rendered scenes, each token's colour and shape, so
     that its features carry what the scenes are made of, as DINO's carry what photos are made of (DINO is trained
-    once on natural images). Seeded: the same weights on every run. It never sees the evaluation or the held-out
-    compositions, and it is not an evaluation network (aligning to Inception would game FID)."""
+    once on natural images). Seeded and single-threaded: the same weights whatever the process's thread count. It
+    never sees the evaluation or the held-out compositions, and it is not an evaluation network (aligning to
+    Inception would game FID)."""
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
     path = Path(path)
     if (path / "config.json").exists():
         return str(path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same weights whatever the process's thread count (one summation order)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
@@ -217,6 +220,7 @@ def scene_teacher(path, steps=600, batch=32, grid=8, seed=0) -> str:
             obj = y[..., 1] > 0  # tokens of an object (most tokens are background)
             acc = [(pred[..., s].argmax(-1) == y[..., i])[obj].float().mean().item() for i, s in
                    enumerate((slice(0, nc), slice(nc, None)))]
+    torch.set_num_threads(threads)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     net.save_pretrained(tmp)
     (tmp / "teacher.json").write_text(json.dumps({"steps": steps, "batch": batch, "seed": seed,

@@ -336,16 +336,24 @@ def test_scene_labels_mark_each_tokens_colour_and_shape():
 
 
 def test_scene_teacher_is_trained_offline_deterministically_and_loads(tmp_path):
-    """Two builds give the same weights (seeded); the folder loads through from_pretrained like the real teacher;
-    a second call finds the cache and does nothing; the saved note holds its accuracy on object tokens."""
+    """Two builds give the same weights (seeded, single-threaded whatever the caller's threads); the folder loads
+    through from_pretrained like the real teacher; a second call finds the cache and does nothing; the saved note
+    holds its accuracy on object tokens."""
     from safetensors.torch import load_file
     from transformers import AutoModel
-    a = scenes.scene_teacher(tmp_path / "a", steps=3, batch=4, grid=4)
-    b = scenes.scene_teacher(tmp_path / "b", steps=3, batch=4, grid=4)
+    threads = torch.get_num_threads()
+    try:  # a torchrun worker has 1 thread, a plain process more: the teacher must not depend on it
+        torch.set_num_threads(1)
+        a = scenes.scene_teacher(tmp_path / "a", steps=4, batch=8, grid=4)
+        torch.set_num_threads(2)
+        b = scenes.scene_teacher(tmp_path / "b", steps=4, batch=8, grid=4)
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(threads)
     wa, wb = (load_file(str(Path(p) / "model.safetensors")) for p in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     before = (Path(a) / "model.safetensors").stat().st_mtime_ns
-    assert scenes.scene_teacher(a, steps=3, batch=4, grid=4) == a
+    assert scenes.scene_teacher(a, steps=4, batch=8, grid=4) == a
     assert (Path(a) / "model.safetensors").stat().st_mtime_ns == before
     net = AutoModel.from_pretrained(a)
     assert net.config.patch_size == 14 and net.config.num_register_tokens == 4
