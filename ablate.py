@@ -99,7 +99,16 @@ def summarise(results: list[dict]) -> dict:
     return out
 
 
-def write_table(results: list[dict], path: Path, took_s: float):
+def pooled_sd(results: list[dict], key: str):
+    """The seed-to-seed sd pooled over every variant (each variant's deviations from its own mean), assuming a lever
+    moves the mean and not the noise: more degrees of freedom than the baseline's 3 seeds alone."""
+    groups = [[r[key] for r in results if r["variant"] == v] for v in train.VARIANTS]
+    dof = sum(len(g) - 1 for g in groups if g)
+    ss = sum(sum((x - statistics.mean(g)) ** 2 for x in g) for g in groups if g)
+    return (ss / dof) ** 0.5 if dof else None, dof
+
+
+def write_table(results: list[dict], path: Path):
     summ = summarise(results)
     head = "| variant | seeds | " + " | ".join(title for _, title, _ in COLUMNS) + " | PRX, same lever |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
@@ -109,15 +118,28 @@ def write_table(results: list[dict], path: Path, took_s: float):
             mean, sd, _ = cols[key]
             cells_.append(f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else ""))
         lines.append(f"| {v} | {cols['fid'][2]} | " + " | ".join(cells_) + f" | {PRX_EFFECT[v]} |")
-    done = len(results)
+    # every cell, so that the spread behind each mean ± sd is visible
+    per_cell = ["| cell | " + " | ".join(title for _, title, _ in COLUMNS) + " | eval s |",
+                "|" + "---|" * (len(COLUMNS) + 2)]
+    for r in sorted(results, key=lambda r: (list(train.VARIANTS).index(r["variant"]), r["seed"])):
+        per_cell.append(f"| {cell_name(r['variant'], r['seed'])} | "
+                        + " | ".join(f"{r[k]:.{d}f}" for k, _, d in COLUMNS) + f" | {r.get('eval_s', 0):.0f} |")
+    pooled = [(title, *pooled_sd(results, k), d) for k, title, d in COLUMNS[:4]]
+    noise = "; ".join(f"{t} {sd:.{d}f}" for t, sd, dof, d in pooled if sd is not None)
+    if noise:
+        noise = f"Seed-to-seed sd pooled over every variant ({pooled[0][2]} degrees of freedom): {noise}.\n"
+    compute_h = sum(r["wall_s"] + r.get("eval_s", 0) for r in results) / 3600
     path.write_text(
         "# Ablations in miniature (CPU track)\n\n"
-        f"`python ablate.py` on the 2-core CPU box: {done} of {len(cells())} cells, {took_s / 3600:.2f} h of "
-        "training and evaluation in this folder's cells. Each cell: the README's training command with "
+        f"`python ablate.py` on the 2-core CPU box: {len(results)} of {len(cells())} cells; their training clocks "
+        f"(`wall_s`) plus evaluations add up to {compute_h:.2f} h. Each cell: the README's training command with "
         "SPEEDRUN_VARIANT / SPEEDRUN_SEED, then `eval.py`'s CPU protocol (N = 1000, 96 px). Mean ± sd over seeds "
         "(sample sd). Adherence: every attribute of an object right (held-out compositions; fresh "
-        "training-distribution prompts). img/s: images seen / wall_s. PRX's column gives the direction of its "
-        "published effect; its scale (FID of a 1.2B model on photos) does not transfer.\n\n" + "\n".join(lines) + "\n")
+        "training-distribution prompts). img/s: images seen / wall_s; wall clock and img/s compare only between "
+        "cells trained on an otherwise idle machine, the quality columns do not depend on timing (every cell trains "
+        "all its steps). PRX's column gives the direction of its published effect; its scale (FID of a 1.2B model "
+        "on photos) does not transfer. The reading: README.md, \"Ablations in miniature\".\n\n"
+        + "\n".join(lines) + "\n\n" + noise + "\n## Every cell\n\n" + "\n".join(per_cell) + "\n")
     plot(summ, path.with_suffix(".png"))
 
 
@@ -164,8 +186,7 @@ def main(argv=None):
         print(f"    FID {r['fid']:.1f}  held {r['held']:.1f} %  train {r['train']:.1f} %  wall {r['wall_s']:.0f} s  "
               f"({r['cell_s']:.0f} s with evaluation)", flush=True)
     results = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
-    took = sum(r.get("cell_s", 0) for r in results)
-    write_table(results, out.parent / "ABLATIONS.md", took)
+    write_table(results, out.parent / "ABLATIONS.md")
     print(f"wrote {out.parent / 'ABLATIONS.md'} ({len(results)} cells)")
 
 

@@ -104,4 +104,14 @@ def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
     assert len(calls) == len(ablate.cells()) - 3 and len(ablate.cells()) == 17
     table = (tmp_path / "ABLATIONS.md").read_text()
     assert "| baseline | 3 | 101.0 ± 1.0 |" in table  # seeds 0, 1, 2: FID 100, 101, 102
+    assert "| baseline-seed2 | 102.0 |" in table
+    assert "(9 degrees of freedom): FID 0.7;" in table  # pooled: (2 + 6 x 0.5) / 9 (no-repa-seed1 has FID 100)
     assert (tmp_path / "ABLATIONS.png").stat().st_size > 0
+
+
+def test_pooled_sd_pools_each_variants_deviations_from_its_own_mean():
+    rows = [("baseline", 1.0), ("baseline", 2.0), ("baseline", 3.0), ("no-repa", 10.0), ("no-repa", 14.0),
+            ("adamw-only", 5.0)]  # one seed: no degree of freedom
+    results = [{"variant": v, "fid": x} for v, x in rows]
+    sd, dof = ablate.pooled_sd(results, "fid")
+    assert dof == 3 and sd == pytest.approx(((2.0 + 8.0) / 3) ** 0.5)  # squares: 1 + 0 + 1, 4 + 4
