@@ -23,9 +23,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import numpy as np
+
 import checkpoint
 import eval as evaluation
 import record
+import scenes
 import train
 
 SEEDS = {"baseline": (0, 1, 2)}  # every other variant: seeds 0 and 1
@@ -42,7 +45,9 @@ PRX_EFFECT = {
     "bf16-weights": "worse: FID 21.87 with weights stored in bf16 vs 18.20 with FP32 master weights",
 }
 COLUMNS = (("fid", "FID", 1), ("held", "held-out adherence %", 1), ("train", "train-prompt adherence %", 1),
-           ("val_loss", "val loss", 4), ("img_s", "img/s", 1), ("wall_s", "wall s", 0))
+           ("val_loss", "val loss", 4), ("short_held", "short prompts: held-out %", 1),
+           ("short_train", "short prompts: train %", 1), ("img_s", "img/s", 1), ("wall_s", "wall s", 0))
+SHORT_N = 200  # scenes per split of the short-prompt check
 
 
 def cells():
@@ -76,6 +81,7 @@ def score_cell(variant, seed, runs: Path, log: Path) -> dict:
     ckpt = checkpoint.latest_checkpoint(runs / "checkpoints" / name)
     model, enc = evaluation.load_checkpoint(ckpt)
     m = evaluation.evaluate(model, enc, "cpu", progress=False)
+    short = short_prompt_adherence(model, enc)
     done = re.findall(r"^done: .* wall_s:([\d.]+)", log.read_text(), re.MULTILINE)
     if not done:
         raise RuntimeError(f"{log}: the training did not finish (no `done:` line); rerun ablate.py to resume it")
@@ -84,25 +90,57 @@ def score_cell(variant, seed, runs: Path, log: Path) -> dict:
     val = record.parse_val_loss([log])
     return {"variant": variant, "seed": seed, "fid": m["fid"], "held": 100 * m["adherence"]["all"],
             "train": 100 * m["adherence_train"]["all"], "val_loss": val[max(val)]["mean"], "img_s": seen / wall,
-            "wall_s": wall, "eval_s": m["eval_seconds"], "ckpt": str(ckpt), "metrics": m}
+            "wall_s": wall, "eval_s": m["eval_seconds"], "ckpt": str(ckpt), "metrics": m, **short}
+
+
+def short_prompt_adherence(model, enc) -> dict:
+    """Outside the frozen protocol, for the caption levers: adherence to short prompts ("red circle, blue square"),
+    the prompts the mixed fine-tune exists for (the protocol prompts with long captions). A short caption names no
+    position or size, so an object counts when its colour is there with the right shape, anywhere
+    (scenes.check_scene(positions=False)). SHORT_N held-out and SHORT_N fresh training-distribution scenes, with
+    the protocol's sampler and noise seeds."""
+    proto = evaluation.PROTOCOLS["cpu"]
+    out = {}
+    for split, sc in (("short_held", scenes.heldout_scenes(SHORT_N)),
+                      ("short_train", evaluation.train_scenes(dict(proto, n_train=SHORT_N)))):
+        ok = [scenes.check_scene(im, sc[i], positions=False)["all"]
+              for idx, imgs in evaluation.generate(model, enc, [x.short_caption for x in sc], range(len(sc)),
+                                                   proto["res"], proto, 64)
+              for i, im in zip(idx, imgs)]
+        out[split] = 100 * float(np.mean(ok))
+    return out
+
+
+def add_short_prompts(path: Path):
+    """Adds the short-prompt check to a finished cell that lacks it (cells scored before it existed), from the
+    cell's own final checkpoint."""
+    r = json.loads(path.read_text())
+    if "short_held" in r:
+        return
+    if not Path(r.get("ckpt", "")).is_dir():
+        print(f"    {path.stem}: no checkpoint at {r.get('ckpt')}: short-prompt check skipped", flush=True)
+        return
+    print(f"    {path.stem}: short-prompt check", flush=True)
+    r.update(short_prompt_adherence(*evaluation.load_checkpoint(r["ckpt"])))
+    path.write_text(json.dumps(r, indent=1, default=str) + "\n")
 
 
 def summarise(results: list[dict]) -> dict:
-    """variant -> column -> (mean, sd or None, n)."""
+    """variant -> column -> (mean or None, sd or None, n); a column a cell lacks is left out of its mean."""
     out = {}
     for v in train.VARIANTS:
         rows = [r for r in results if r["variant"] == v]
         if rows:
-            out[v] = {k: (statistics.mean(r[k] for r in rows),
-                          statistics.stdev(r[k] for r in rows) if len(rows) > 1 else None, len(rows))
-                      for k, _, _ in COLUMNS}
+            vals = {k: [r[k] for r in rows if k in r] for k, _, _ in COLUMNS}
+            out[v] = {k: (statistics.mean(x) if x else None, statistics.stdev(x) if len(x) > 1 else None, len(x))
+                      for k, x in vals.items()}
     return out
 
 
 def pooled_sd(results: list[dict], key: str):
     """The seed-to-seed sd pooled over every variant (each variant's deviations from its own mean), assuming a lever
     moves the mean and not the noise: more degrees of freedom than the baseline's 3 seeds alone."""
-    groups = [[r[key] for r in results if r["variant"] == v] for v in train.VARIANTS]
+    groups = [[r[key] for r in results if r["variant"] == v and key in r] for v in train.VARIANTS]
     dof = sum(len(g) - 1 for g in groups if g)
     ss = sum(sum((x - statistics.mean(g)) ** 2 for x in g) for g in groups if g)
     return (ss / dof) ** 0.5 if dof else None, dof
@@ -116,16 +154,19 @@ def write_table(results: list[dict], path: Path):
         cells_ = []
         for key, _, digits in COLUMNS:
             mean, sd, _ = cols[key]
-            cells_.append(f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else ""))
+            spread = f" ± {sd:.{digits}f}" if sd is not None else ""
+            cells_.append("–" if mean is None else f"{mean:.{digits}f}{spread}")
         lines.append(f"| {v} | {cols['fid'][2]} | " + " | ".join(cells_) + f" | {PRX_EFFECT[v]} |")
     # every cell, so that the spread behind each mean ± sd is visible
     per_cell = ["| cell | " + " | ".join(title for _, title, _ in COLUMNS) + " | eval s |",
                 "|" + "---|" * (len(COLUMNS) + 2)]
     for r in sorted(results, key=lambda r: (list(train.VARIANTS).index(r["variant"]), r["seed"])):
-        per_cell.append(f"| {cell_name(r['variant'], r['seed'])} | "
-                        + " | ".join(f"{r[k]:.{d}f}" for k, _, d in COLUMNS) + f" | {r.get('eval_s', 0):.0f} |")
-    pooled = [(title, *pooled_sd(results, k), d) for k, title, d in COLUMNS[:4]]
-    noise = "; ".join(f"{t} {sd:.{d}f}" for t, sd, dof, d in pooled if sd is not None)
+        values = [f"{r[k]:.{d}f}" if k in r else "–" for k, _, d in COLUMNS]
+        values.append(f"{r.get('eval_s', 0):.0f}")
+        per_cell.append(f"| {cell_name(r['variant'], r['seed'])} | " + " | ".join(values) + " |")
+    pooled = [(title, *pooled_sd(results, k), d) for k, title, d in COLUMNS[:6]]
+    noise = "; ".join(f"{t} {sd:.{d}f}" + (f" ({dof} dof)" if dof != pooled[0][2] else "")
+                      for t, sd, dof, d in pooled if sd is not None)
     if noise:
         noise = f"Seed-to-seed sd pooled over every variant ({pooled[0][2]} degrees of freedom): {noise}.\n"
     compute_h = sum(r["wall_s"] + r.get("eval_s", 0) for r in results) / 3600
@@ -185,6 +226,8 @@ def main(argv=None):
         (out / f"{cell_name(v, s)}.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
         print(f"    FID {r['fid']:.1f}  held {r['held']:.1f} %  train {r['train']:.1f} %  wall {r['wall_s']:.0f} s  "
               f"({r['cell_s']:.0f} s with evaluation)", flush=True)
+    for f in sorted(out.glob("*.json")):
+        add_short_prompts(f)
     results = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
     write_table(results, out.parent / "ABLATIONS.md")
     print(f"wrote {out.parent / 'ABLATIONS.md'} ({len(results)} cells)")

@@ -126,32 +126,36 @@ def render_scene(scene, res) -> torch.Tensor:
     return torch.from_numpy(img).permute(2, 0, 1).contiguous()
 
 
-def check_scene(img, scene) -> dict:
+def check_scene(img, scene, positions=True) -> dict:
     """Which attributes of each asked-for object are right: colour (dominant foreground colour in its cell),
     position (>= half of that colour's pixels, and their centroid, in the cell), shape (fill ratio of the
     colour's bounding box in the cell: square ~1, circle ~0.79, triangle ~0.5). Returns per-attribute
-    fractions of objects, and `all` = fraction of objects with every attribute right."""
+    fractions of objects, and `all` = fraction of objects with every attribute right. positions=False checks a
+    short caption, which names no position or size: the colour present and its shape, anywhere in the image."""
     a, res = torch.as_tensor(img).permute(1, 2, 0).numpy().astype(np.float32), img.shape[-1]
     pal = np.array(list(COLOURS.values()) + [BACKGROUNDS[scene.background]], np.float32)
     cls = ((a[:, :, None, :] - pal) ** 2).sum(-1).argmin(-1)  # nearest palette colour per pixel
     cell = res / 3
     names = list(COLOURS)
-    ok = {"colour": [], "shape": [], "position": [], "all": []}
+    ok = {"colour": [], "shape": [], "position": [], "all": []} if positions else {"colour": [], "shape": [], "all": []}
     min_px = 0.3 * 0.5 * (2 * SIZES["small"] * cell) ** 2
     for colour, shape, _, k in scene.objects:
         ci = names.index(colour)
         r0, c0 = int(k // 3 * cell), int(k % 3 * cell)  # the cell's top-left pixel
-        box = cls[r0:int(r0 + cell), c0:int(c0 + cell)]
+        box = cls[r0:int(r0 + cell), c0:int(c0 + cell)] if positions else cls
         counts = np.bincount(box.ravel(), minlength=len(pal))[:len(names)]
-        col_ok = counts.argmax() == ci and counts[ci] >= min_px
+        col_ok = (counts.argmax() == ci or not positions) and counts[ci] >= min_px
         ys, xs = np.nonzero(cls == ci)
         inside = (ys // cell * 3 + xs // cell == k) if len(ys) else np.zeros(0, bool)
-        pos_ok = len(ys) >= min_px and inside.mean() >= 0.5 and int(ys.mean() // cell * 3 + xs.mean() // cell) == k
+        pos_ok = not positions or (len(ys) >= min_px and inside.mean() >= 0.5
+                                   and int(ys.mean() // cell * 3 + xs.mean() // cell) == k)
         by, bx = np.nonzero(box == ci)
         fill = len(by) / ((by.max() - by.min() + 1) * (bx.max() - bx.min() + 1)) if len(by) >= min_px else 0
         shape_ok = shape == ("square" if fill > 0.9 else "circle" if fill > 0.66 else "triangle" if fill > 0.35 else "")
-        for key, v in zip(ok, (col_ok, shape_ok, pos_ok, col_ok and shape_ok and pos_ok)):
-            ok[key].append(bool(v))
+        for key, v in {"colour": col_ok, "shape": shape_ok, "position": pos_ok,
+                       "all": col_ok and shape_ok and pos_ok}.items():
+            if key in ok:
+                ok[key].append(bool(v))
     return {k: float(np.mean(v)) for k, v in ok.items()}
 
 

@@ -80,7 +80,10 @@ def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
     out.mkdir()
     done = ("no-repa", 1)
     row = {"fid": 100.0, "held": 20.0, "train": 30.0, "val_loss": 0.1, "img_s": 90.0, "wall_s": 500.0, "cell_s": 600}
-    (out / f"{ablate.cell_name(*done)}.json").write_text(json.dumps(dict(row, variant=done[0], seed=done[1])))
+    (tmp_path / "ckpt").mkdir()  # scored before the short-prompt check existed: the table adds it from the checkpoint
+    (out / f"{ablate.cell_name(*done)}.json").write_text(
+        json.dumps(dict(row, variant=done[0], seed=done[1], ckpt=str(tmp_path / "ckpt"))))
+    short = {"short_held": 10.0, "short_train": 20.0}
 
     def fake_train(v, s, runs):
         calls.append((v, s))
@@ -89,10 +92,16 @@ def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
         return runs / "log"
 
     def fake_score(v, s, runs, log):
-        return dict(row, variant=v, seed=s, fid=100.0 + s)
+        return dict(row, variant=v, seed=s, fid=100.0 + s, **short)
+
+    def fake_short(model, enc):
+        calls.append("short")
+        return {"short_held": 30.0, "short_train": 40.0}
 
     monkeypatch.setattr(ablate, "train_cell", fake_train)
     monkeypatch.setattr(ablate, "score_cell", fake_score)
+    monkeypatch.setattr(ablate, "short_prompt_adherence", fake_short)
+    monkeypatch.setattr(ablate.evaluation, "load_checkpoint", lambda ckpt: (None, None))
     with pytest.raises(TimeoutError):
         ablate.main(["--out", str(out), "--runs", str(tmp_path / "runs")])
     assert len(list(out.glob("*.json"))) == 3  # two new cells + the one done before
@@ -101,7 +110,10 @@ def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
     cut_at[0] = None
     ablate.main(["--out", str(out), "--runs", str(tmp_path / "runs")])
     assert calls[0] == first[-1] and set(first[:2]).isdisjoint(calls) and done not in calls
+    assert calls.count("short") == 1  # only the cell scored before the check, once
+    calls.remove("short")
     assert len(calls) == len(ablate.cells()) - 3 and len(ablate.cells()) == 17
+    assert json.loads((out / f"{ablate.cell_name(*done)}.json").read_text())["short_held"] == 30.0
     table = (tmp_path / "ABLATIONS.md").read_text()
     assert "| baseline | 3 | 101.0 ± 1.0 |" in table  # seeds 0, 1, 2: FID 100, 101, 102
     assert "| baseline-seed2 | 102.0 |" in table

@@ -294,6 +294,20 @@ def test_checker_fails_wrong_images():
     assert r["position"] == 0 and r["all"] == 0
 
 
+def test_short_caption_check_ignores_position_not_colour_or_shape():
+    """positions=False (short captions name no position): a moved object passes, a recoloured or reshaped one not."""
+    s = scenes.Scene("gray", (("red", "circle", "large", 0), ("blue", "square", "small", 8)))
+    moved = scenes.Scene("gray", (("red", "circle", "small", 4), ("blue", "square", "large", 2)))
+    img = scenes.render_scene(moved, 96)
+    assert scenes.check_scene(img, s)["all"] == 0
+    assert scenes.check_scene(img, s, positions=False) == {"colour": 1, "shape": 1, "all": 1}
+    reshaped = scenes.Scene("gray", (("red", "triangle", "large", 4), ("green", "square", "small", 2)))
+    assert scenes.check_scene(scenes.render_scene(reshaped, 96), s, positions=False) == {
+        "colour": 0.5, "shape": 0.0, "all": 0.0}  # red present as a triangle; blue absent
+    for sc in scenes.heldout_scenes(12):
+        assert scenes.check_scene(scenes.render_scene(sc, 96), sc, positions=False)["all"] == 1
+
+
 def test_heldout_combos_never_in_training_stream():
     ds = scenes.SceneDataset(0)
     for i in range(5000):
