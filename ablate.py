@@ -169,6 +169,16 @@ def write_table(results: list[dict], path: Path):
                       for t, sd, dof, d in pooled if sd is not None)
     if noise:
         noise = f"Seed-to-seed sd pooled over every variant ({pooled[0][2]} degrees of freedom): {noise}.\n"
+    # each variant against the baseline: difference of means in standard errors (pooled sd x sqrt(1/n_base + 1/n))
+    versus = ["| variant | " + " | ".join(t for _, t, _ in COLUMNS[:6]) + " |", "|" + "---|" * 7]
+    for v, cols in summ.items():
+        if v != "baseline" and "baseline" in summ:
+            diffs = []
+            for (key, _, d), (_, sd, _, _) in zip(COLUMNS, pooled):
+                (m, _, n), (m0, _, n0) = cols[key], summ["baseline"][key]
+                se = sd * (1 / n + 1 / n0) ** 0.5 if None not in (m, m0, sd) and sd > 0 else None
+                diffs.append(f"{m - m0:+.{d}f} ({(m - m0) / se:+.1f})" if se else "–")
+            versus.append(f"| {v} | " + " | ".join(diffs) + " |")
     compute_h = sum(r["wall_s"] + r.get("eval_s", 0) for r in results) / 3600
     path.write_text(
         "# Ablations in miniature (CPU track)\n\n"
@@ -176,11 +186,15 @@ def write_table(results: list[dict], path: Path):
         f"(`wall_s`) plus evaluations add up to {compute_h:.2f} h. Each cell: the README's training command with "
         "SPEEDRUN_VARIANT / SPEEDRUN_SEED, then `eval.py`'s CPU protocol (N = 1000, 96 px). Mean ± sd over seeds "
         "(sample sd). Adherence: every attribute of an object right (held-out compositions; fresh "
-        "training-distribution prompts). img/s: images seen / wall_s; wall clock and img/s compare only between "
-        "cells trained on an otherwise idle machine, the quality columns do not depend on timing (every cell trains "
-        "all its steps). PRX's column gives the direction of its published effect; its scale (FID of a 1.2B model "
-        "on photos) does not transfer. The reading: README.md, \"Ablations in miniature\".\n\n"
-        + "\n".join(lines) + "\n\n" + noise + "\n## Every cell\n\n" + "\n".join(per_cell) + "\n")
+        "training-distribution prompts). Short prompts: the same checker on short captions (colour and shape, "
+        f"anywhere; outside the frozen protocol; {SHORT_N} scenes each). img/s: images seen / wall_s; wall clock "
+        "and img/s compare only between cells trained on an otherwise idle machine, the quality columns do not "
+        "depend on timing (every cell trains all its steps). PRX's column gives the direction of its published "
+        "effect; its scale (FID of a 1.2B model on photos) does not transfer. The reading: README.md, \"Ablations "
+        "in miniature\".\n\n" + "\n".join(lines) + "\n\n" + noise + "\n## Against the baseline\n\n"
+        "Difference of means (variant - baseline) and, in brackets, that difference in standard errors (pooled sd x "
+        f"sqrt(1/n + 1/n_baseline)). {(len(versus) - 2) * 6} comparisons: a few beyond 2 standard errors are "
+        "expected by chance alone.\n\n" + "\n".join(versus) + "\n\n## Every cell\n\n" + "\n".join(per_cell) + "\n")
     plot(summ, path.with_suffix(".png"))
 
 
@@ -191,9 +205,10 @@ def plot(summ, path):
     import matplotlib.pyplot as plt
 
     names = list(summ)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, (key, title, _) in zip(axes, COLUMNS[:3]):
-        means = [summ[v][key][0] for v in names]
+    shown = [c for c in COLUMNS if c[0] in ("fid", "held", "train", "short_held")]
+    fig, axes = plt.subplots(1, len(shown), figsize=(18, 4))
+    for ax, (key, title, _) in zip(axes, shown):
+        means = [summ[v][key][0] or 0 for v in names]
         sds = [summ[v][key][1] or 0 for v in names]
         ax.barh(names, means, xerr=sds, color=["tab:gray" if v == "baseline" else "tab:blue" for v in names])
         ax.set_title(title)
