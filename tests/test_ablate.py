@@ -127,3 +127,28 @@ def test_pooled_sd_pools_each_variants_deviations_from_its_own_mean():
     results = [{"variant": v, "fid": x} for v, x in rows]
     sd, dof = ablate.pooled_sd(results, "fid")
     assert dof == 3 and sd == pytest.approx(((2.0 + 8.0) / 3) ** 0.5)  # squares: 1 + 0 + 1, 4 + 4
+
+
+def test_short_prompt_check_scores_short_captions_wherever_objects_land(monkeypatch):
+    """A sampler double (tests only) that draws each short caption's own objects, but in other cells and sizes:
+    the short-prompt check counts them all right; with nothing drawn it counts none; it asks with short captions."""
+    import scenes
+
+    n, proto = ablate.SHORT_N, ablate.evaluation.PROTOCOLS["cpu"]
+    splits = [scenes.heldout_scenes(n), ablate.evaluation.train_scenes(dict(proto, n_train=n))]
+    asked, draw = [], [True]
+
+    def fake_generate(model, enc, prompts, indices, res, proto, batch_size=16, progress=False):
+        split = splits[len(asked) // n % 2]  # held-out first, then training-distribution scenes
+        asked.extend(prompts)
+        for j in indices:
+            s = split[j]
+            assert prompts[j] == s.short_caption
+            moved = tuple((c, sh, "large" if sz == "small" else "small", (k + 4) % 9) for c, sh, sz, k in s.objects)
+            yield [j], scenes.render_scene(scenes.Scene(s.background, moved if draw[0] else ()), res)[None]
+
+    monkeypatch.setattr(ablate.evaluation, "generate", fake_generate)
+    assert ablate.short_prompt_adherence(None, None) == {"short_held": 100.0, "short_train": 100.0}
+    assert len(asked) == 2 * n
+    draw[0] = False
+    assert ablate.short_prompt_adherence(None, None) == {"short_held": 0.0, "short_train": 0.0}
