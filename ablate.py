@@ -8,6 +8,7 @@ A cell is one variant of train.VARIANTS (one lever of the CPU track changed) wit
 command (torchrun, all cores) with SPEEDRUN_VARIANT and SPEEDRUN_SEED, then the CPU protocol's evaluation (eval.py,
 N = 1000). The baseline runs 3 seeds, every other variant 2: 17 cells. A finished cell's result (<out>/<cell>.json)
 is never redone; a cell cut off midway resumes its training from the last checkpoint (train.py's exact resume).
+Each cell is also scored on short prompts (outside the frozen protocol), the prompts the mixed fine-tune is for.
 """
 
 import argparse
