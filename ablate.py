@@ -13,6 +13,7 @@ Each cell is also scored on short prompts (outside the frozen protocol), the pro
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -97,9 +98,9 @@ def score_cell(variant, seed, runs: Path, log: Path) -> dict:
 def short_prompt_adherence(model, enc) -> dict:
     """Outside the frozen protocol, for the caption levers: adherence to short prompts ("red circle, blue square"),
     the prompts the mixed fine-tune exists for (the protocol prompts with long captions). A short caption names no
-    position or size, so an object counts when its colour is there with the right shape, anywhere
-    (scenes.check_scene(positions=False)). SHORT_N held-out and SHORT_N fresh training-distribution scenes, with
-    the protocol's sampler and noise seeds."""
+    position or size, so an object counts when its colour and shape are right in whichever cell holds most of that
+    colour (scenes.check_scene(positions=False)). SHORT_N held-out and SHORT_N fresh training-distribution scenes,
+    with the protocol's sampler and noise seeds."""
     proto = evaluation.PROTOCOLS["cpu"]
     out = {}
     for split, sc in (("short_held", scenes.heldout_scenes(SHORT_N)),
@@ -118,7 +119,7 @@ def add_short_prompts(path: Path):
     r = json.loads(path.read_text())
     if "short_held" in r:
         return
-    if not Path(r.get("ckpt", "")).is_dir():
+    if not r.get("ckpt") or not Path(r["ckpt"]).is_dir():
         print(f"    {path.stem}: no checkpoint at {r.get('ckpt')}: short-prompt check skipped", flush=True)
         return
     print(f"    {path.stem}: short-prompt check", flush=True)
@@ -188,9 +189,9 @@ def write_table(results: list[dict], path: Path):
         "SPEEDRUN_VARIANT / SPEEDRUN_SEED, then `eval.py`'s CPU protocol (N = 1000, 96 px). Mean ± sd over seeds "
         "(sample sd). Adherence: every attribute of an object right (held-out compositions; fresh "
         "training-distribution prompts). Short prompts: the same checker on short captions (colour and shape, "
-        f"anywhere; outside the frozen protocol; {SHORT_N} scenes each). img/s: images seen / wall_s; wall clock "
-        "and img/s compare only between cells trained on an otherwise idle machine, the quality columns do not "
-        "depend on timing (every cell trains all its steps). PRX's column gives the direction of its published "
+        f"wherever the object is; outside the frozen protocol; {SHORT_N} scenes each). img/s: images seen / wall_s; "
+        "wall clock and img/s compare only between cells trained on an otherwise idle machine, the quality columns "
+        "do not depend on timing (every cell trains all its steps). PRX's column gives the direction of its published "
         "effect; its scale (FID of a 1.2B model on photos) does not transfer. The reading: README.md, \"Ablations "
         "in miniature\".\n\n" + "\n".join(lines) + "\n\n" + noise + "\n## Against the baseline\n\n"
         "Difference of means (variant - baseline) and, in brackets, that difference in standard errors (pooled sd x "
@@ -209,7 +210,7 @@ def plot(summ, path):
     shown = [c for c in COLUMNS if c[0] in ("fid", "held", "train", "short_held")]
     fig, axes = plt.subplots(1, len(shown), figsize=(18, 4))
     for ax, (key, title, _) in zip(axes, shown):
-        means = [summ[v][key][0] or 0 for v in names]
+        means = [math.nan if summ[v][key][0] is None else summ[v][key][0] for v in names]
         sds = [summ[v][key][1] or 0 for v in names]
         ax.barh(names, means, xerr=sds, color=["tab:gray" if v == "baseline" else "tab:blue" for v in names])
         ax.set_title(title)

@@ -131,7 +131,8 @@ def check_scene(img, scene, positions=True) -> dict:
     position (>= half of that colour's pixels, and their centroid, in the cell), shape (fill ratio of the
     colour's bounding box in the cell: square ~1, circle ~0.79, triangle ~0.5). Returns per-attribute
     fractions of objects, and `all` = fraction of objects with every attribute right. positions=False checks a
-    short caption, which names no position or size: the colour present and its shape, anywhere in the image."""
+    short caption, which names no position or size: colour and shape are judged in the cell holding most of that
+    colour's pixels, wherever it is."""
     a, res = torch.as_tensor(img).permute(1, 2, 0).numpy().astype(np.float32), img.shape[-1]
     pal = np.array(list(COLOURS.values()) + [BACKGROUNDS[scene.background]], np.float32)
     cls = ((a[:, :, None, :] - pal) ** 2).sum(-1).argmin(-1)  # nearest palette colour per pixel
@@ -141,11 +142,13 @@ def check_scene(img, scene, positions=True) -> dict:
     min_px = 0.3 * 0.5 * (2 * SIZES["small"] * cell) ** 2
     for colour, shape, _, k in scene.objects:
         ci = names.index(colour)
-        r0, c0 = int(k // 3 * cell), int(k % 3 * cell)  # the cell's top-left pixel
-        box = cls[r0:int(r0 + cell), c0:int(c0 + cell)] if positions else cls
-        counts = np.bincount(box.ravel(), minlength=len(pal))[:len(names)]
-        col_ok = (counts.argmax() == ci or not positions) and counts[ci] >= min_px
         ys, xs = np.nonzero(cls == ci)
+        if not positions and len(ys):  # position not asked: the cell where the model put most of this colour
+            k = int(np.bincount((ys // cell * 3 + xs // cell).astype(int), minlength=9).argmax())
+        r0, c0 = int(k // 3 * cell), int(k % 3 * cell)  # the cell's top-left pixel
+        box = cls[r0:int(r0 + cell), c0:int(c0 + cell)]
+        counts = np.bincount(box.ravel(), minlength=len(pal))[:len(names)]
+        col_ok = counts.argmax() == ci and counts[ci] >= min_px
         inside = (ys // cell * 3 + xs // cell == k) if len(ys) else np.zeros(0, bool)
         pos_ok = not positions or (len(ys) >= min_px and inside.mean() >= 0.5
                                    and int(ys.mean() // cell * 3 + xs.mean() // cell) == k)

@@ -301,6 +301,9 @@ def test_short_caption_check_ignores_position_not_colour_or_shape():
     img = scenes.render_scene(moved, 96)
     assert scenes.check_scene(img, s)["all"] == 0
     assert scenes.check_scene(img, s, positions=False) == {"colour": 1, "shape": 1, "all": 1}
+    stray = img.clone()
+    stray[:, 40:42, 90:92] = torch.tensor(scenes.COLOURS["red"], dtype=torch.uint8)[:, None, None]  # a few stray pixels
+    assert scenes.check_scene(stray, s, positions=False) == {"colour": 1, "shape": 1, "all": 1}
     reshaped = scenes.Scene("gray", (("red", "triangle", "large", 4), ("green", "square", "small", 2)))
     assert scenes.check_scene(scenes.render_scene(reshaped, 96), s, positions=False) == {
         "colour": 0.5, "shape": 0.0, "all": 0.0}  # red present as a triangle; blue absent
