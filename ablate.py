@@ -49,6 +49,7 @@ PRX_EFFECT = {
 COLUMNS = (("fid", "FID", 1), ("held", "held-out adherence %", 1), ("train", "train-prompt adherence %", 1),
            ("val_loss", "val loss", 4), ("short_held", "short prompts: held-out %", 1),
            ("short_train", "short prompts: train %", 1), ("img_s", "img/s", 1), ("wall_s", "wall s", 0))
+QUALITY = COLUMNS[:6]  # the columns that do not depend on timing: pooled sd and the comparison with the baseline
 SHORT_N = 200  # scenes per split of the short-prompt check
 
 
@@ -83,7 +84,6 @@ def score_cell(variant, seed, runs: Path, log: Path) -> dict:
     ckpt = checkpoint.latest_checkpoint(runs / "checkpoints" / name)
     model, enc = evaluation.load_checkpoint(ckpt)
     m = evaluation.evaluate(model, enc, "cpu", progress=False)
-    short = short_prompt_adherence(model, enc)
     done = re.findall(r"^done: .* wall_s:([\d.]+)", log.read_text(), re.MULTILINE)
     if not done:
         raise RuntimeError(f"{log}: the training did not finish (no `done:` line); rerun ablate.py to resume it")
@@ -92,7 +92,7 @@ def score_cell(variant, seed, runs: Path, log: Path) -> dict:
     val = record.parse_val_loss([log])
     return {"variant": variant, "seed": seed, "fid": m["fid"], "held": 100 * m["adherence"]["all"],
             "train": 100 * m["adherence_train"]["all"], "val_loss": val[max(val)]["mean"], "img_s": seen / wall,
-            "wall_s": wall, "eval_s": m["eval_seconds"], "ckpt": str(ckpt), "metrics": m, **short}
+            "wall_s": wall, "eval_s": m["eval_seconds"], "ckpt": str(ckpt), "metrics": m}
 
 
 def short_prompt_adherence(model, enc) -> dict:
@@ -114,8 +114,8 @@ def short_prompt_adherence(model, enc) -> dict:
 
 
 def add_short_prompts(path: Path):
-    """Adds the short-prompt check to a finished cell that lacks it (cells scored before it existed), from the
-    cell's own final checkpoint."""
+    """Adds the short-prompt check to a scored cell that lacks it (every new cell, and cells scored before the check
+    existed), from the cell's own final checkpoint."""
     r = json.loads(path.read_text())
     if "short_held" in r:
         return
@@ -166,17 +166,17 @@ def write_table(results: list[dict], path: Path):
         values = [f"{r[k]:.{d}f}" if k in r else "–" for k, _, d in COLUMNS]
         values.append(f"{r.get('eval_s', 0):.0f}")
         per_cell.append(f"| {cell_name(r['variant'], r['seed'])} | " + " | ".join(values) + " |")
-    pooled = [(title, *pooled_sd(results, k), d) for k, title, d in COLUMNS[:6]]
+    pooled = [(title, *pooled_sd(results, k), d) for k, title, d in QUALITY]
     noise = "; ".join(f"{t} {sd:.{d}f}" + (f" ({dof} dof)" if dof != pooled[0][2] else "")
                       for t, sd, dof, d in pooled if sd is not None)
     if noise:
         noise = f"Seed-to-seed sd pooled over every variant ({pooled[0][2]} degrees of freedom): {noise}.\n"
     # each variant against the baseline: difference of means in standard errors (pooled sd x sqrt(1/n_base + 1/n))
-    versus = ["| variant | " + " | ".join(t for _, t, _ in COLUMNS[:6]) + " |", "|" + "---|" * 7]
+    versus = ["| variant | " + " | ".join(t for _, t, _ in QUALITY) + " |", "|" + "---|" * (len(QUALITY) + 1)]
     for v, cols in summ.items():
         if v != "baseline" and "baseline" in summ:
             diffs = []
-            for (key, _, d), (_, sd, _, _) in zip(COLUMNS, pooled):
+            for (key, _, d), (_, sd, _, _) in zip(QUALITY, pooled):
                 (m, _, n), (m0, _, n0) = cols[key], summ["baseline"][key]
                 se = sd * (1 / n + 1 / n0) ** 0.5 if None not in (m, m0, sd) and sd > 0 else None
                 diffs.append(f"{m - m0:+.{d}f} ({(m - m0) / se:+.1f})" if se else "–")
@@ -195,8 +195,8 @@ def write_table(results: list[dict], path: Path):
         "effect; its scale (FID of a 1.2B model on photos) does not transfer. The reading: README.md, \"Ablations "
         "in miniature\".\n\n" + "\n".join(lines) + "\n\n" + noise + "\n## Against the baseline\n\n"
         "Difference of means (variant - baseline) and, in brackets, that difference in standard errors (pooled sd x "
-        f"sqrt(1/n + 1/n_baseline)). {(len(versus) - 2) * 6} comparisons: a few beyond 2 standard errors are "
-        "expected by chance alone.\n\n" + "\n".join(versus) + "\n\n## Every cell\n\n" + "\n".join(per_cell) + "\n")
+        f"sqrt(1/n + 1/n_baseline)). {(len(versus) - 2) * len(QUALITY)} comparisons: a few beyond 2 standard errors "
+        "are expected by chance alone.\n\n" + "\n".join(versus) + "\n\n## Every cell\n\n" + "\n".join(per_cell) + "\n")
     plot(summ, path.with_suffix(".png"))
 
 

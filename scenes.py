@@ -138,28 +138,28 @@ def check_scene(img, scene, positions=True) -> dict:
     cls = ((a[:, :, None, :] - pal) ** 2).sum(-1).argmin(-1)  # nearest palette colour per pixel
     cell = res / 3
     names = list(COLOURS)
-    ok = {"colour": [], "shape": [], "position": [], "all": []} if positions else {"colour": [], "shape": [], "all": []}
+    ok = {"colour": [], "shape": [], "position": [], "all": []}
     min_px = 0.3 * 0.5 * (2 * SIZES["small"] * cell) ** 2
+
+    def cell_of(y, x):  # index in the 3x3 grid of pixel (y, x)
+        return (y // cell * 3 + x // cell).astype(int)
     for colour, shape, _, k in scene.objects:
         ci = names.index(colour)
         ys, xs = np.nonzero(cls == ci)
         if not positions and len(ys):  # position not asked: the cell where the model put most of this colour
-            k = int(np.bincount((ys // cell * 3 + xs // cell).astype(int), minlength=9).argmax())
+            k = int(np.bincount(cell_of(ys, xs), minlength=9).argmax())
         r0, c0 = int(k // 3 * cell), int(k % 3 * cell)  # the cell's top-left pixel
         box = cls[r0:int(r0 + cell), c0:int(c0 + cell)]
         counts = np.bincount(box.ravel(), minlength=len(pal))[:len(names)]
         col_ok = counts.argmax() == ci and counts[ci] >= min_px
-        inside = (ys // cell * 3 + xs // cell == k) if len(ys) else np.zeros(0, bool)
-        pos_ok = not positions or (len(ys) >= min_px and inside.mean() >= 0.5
-                                   and int(ys.mean() // cell * 3 + xs.mean() // cell) == k)
+        pos_ok = not positions or (len(ys) >= min_px and (cell_of(ys, xs) == k).mean() >= 0.5
+                                   and cell_of(ys.mean(), xs.mean()) == k)
         by, bx = np.nonzero(box == ci)
         fill = len(by) / ((by.max() - by.min() + 1) * (bx.max() - bx.min() + 1)) if len(by) >= min_px else 0
         shape_ok = shape == ("square" if fill > 0.9 else "circle" if fill > 0.66 else "triangle" if fill > 0.35 else "")
-        for key, v in {"colour": col_ok, "shape": shape_ok, "position": pos_ok,
-                       "all": col_ok and shape_ok and pos_ok}.items():
-            if key in ok:
-                ok[key].append(bool(v))
-    return {k: float(np.mean(v)) for k, v in ok.items()}
+        for key, v in zip(ok, (col_ok, shape_ok, pos_ok, col_ok and shape_ok and pos_ok)):
+            ok[key].append(bool(v))
+    return {k: float(np.mean(v)) for k, v in ok.items() if positions or k != "position"}
 
 
 # ======================================================================================================================
