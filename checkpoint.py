@@ -9,6 +9,7 @@ there. A run holds a lock on its folder; a resume takes the newest readable chec
 import fcntl
 import json
 import os
+import pickle
 import shutil
 import sys
 import threading
@@ -137,7 +138,10 @@ def read_checkpoint(path: Path, device) -> tuple:
     for name in ("model.safetensors", "ema.safetensors", "state.pt"):
         try:
             out.append(load_file(str(path / name), device=str(device)) if name.endswith(".safetensors") else
-                       torch.load(path / name, map_location=device, weights_only=False))
+                       torch.load(path / name, map_location=device, weights_only=True))  # tensors + plain values
+        except pickle.UnpicklingError as e:  # an object that is not a tensor, number, string or container of them
+            raise CheckpointError(f"{path / name} refused: it holds pickled objects other than tensors and plain "
+                                  f"values, not loaded ({str(e).splitlines()[0][:120]})") from None
         except Exception as e:  # noqa: BLE001 (truncated, missing or foreign: the caller falls back or stops)
             raise CheckpointError(f"{path / name} is damaged ({type(e).__name__}: {str(e)[:120]})") from None
     return tuple(out)

@@ -434,17 +434,19 @@ def leaderboard_tables(root="records", prefix="") -> str:
         m = json.loads(p.read_text())
         key = (m.get("track", p.parent.parent.name), m.get("protocol_version", 1))
         rows.setdefault(key, []).append((m, p.parent))
-    head = ("| # | FID | CMMD | DINO-MMD | adherence held-out / train | N | wall clock | hardware | date | description "
-            "| folder |")
+    head = ("| # | FID | CMMD | DINO-MMD | adherence held-out / train | N | wall clock | training FLOPs | hardware "
+            "| date | description | folder |")
     for track, version in sorted(rows, key=lambda t: (t[0] != "record", t[0], -t[1])):
-        out += [f"### {track} track, protocol v{version}", "", head, "|---" * 11 + "|"]
+        out += [f"### {track} track, protocol v{version}", "", head, "|---" * 12 + "|"]
         for k, (m, d) in enumerate(sorted(rows[track, version], key=lambda r: (r[0].get("date", ""), r[1].name)), 1):
             folder = d.relative_to(Path(root)).as_posix()
             adh = [(m.get(a) or {}).get("all") for a in ("adherence", "adherence_train")]  # every attribute right
             adh = " / ".join("-" if a is None else f"{100 * a:.1f} %" for a in adh)
+            flops = f"{m['train_flops']:.3g}" if m.get("train_flops") else "-"  # the CPU track's budget counts these
             out.append(f"| {k} | {fmt(m.get('fid'), 2)} | {fmt(m.get('cmmd'), 3)} | {fmt(m.get('dino_mmd'), 3)} | "
                        f"{adh} | {m.get('n', '-')} | "
-                       f"{fmt_time(m.get('wall_clock_s'))} | {m.get('hardware', '-')} | {m.get('date', '-')} | "
+                       f"{fmt_time(m.get('wall_clock_s'))} | {flops} | {m.get('hardware', '-')} | "
+                       f"{m.get('date', '-')} | "
                        f"{m.get('description', '')} | [{folder}]({prefix}{folder}) |")
         out.append("")
     return "\n".join(out).strip() or "(no records yet)"

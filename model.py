@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 # ======================================================================================================================
@@ -417,6 +418,13 @@ def train_flops(cfg: PRXConfig, res: int, txt_len: int = 256, drop_ratio: float 
     attention = sum(4 * n * (L + n) * H for n in ns)  # q.k and p.v over L text + n image keys
     input_layers = 2 * N * D * cfg.bottleneck + 2 * L * cfg.text_dim * H + 2 * 256 * H
     return 3.0 * linear + 3.5 * attention + 2.0 * input_layers
+
+
+def counted_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of fn(*args, **kwargs) as torch.utils.flop_counter counts them (on meta tensors: shapes, no compute)."""
+    with FlopCounterMode(display=False) as fc:
+        fn(*args, **kwargs)
+    return fc.get_total_flops()
 
 
 def peak_matmul_flops(device, dtype=torch.bfloat16, n=8192, reps=20):

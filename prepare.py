@@ -171,27 +171,33 @@ def prepare_images(src: ParquetSource, res, out_dir, file_rows=4096, group_rows=
     return out
 
 
-def build_cache(source, encoder, out_dir, shard_rows=8192, batch_size=64):
+def build_cache(source, encoder, out_dir, shard_rows=8192, batch_size=64, kinds=("long", "short")):
     """Encode the long and short caption of every row once; shards `<kind>-<first row>.safetensors` hold
-    `emb` [sum of lengths, dim] bf16 and `offsets` [n + 1]. Existing shards are kept (resumes)."""
+    `emb` [sum of lengths, dim] bf16 and `offsets` [n + 1]. Existing shards are kept (resumes). Captions are encoded
+    in batches of similar length (less padding), then stored in row order."""
     from safetensors.torch import save_file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"fingerprint": source.fingerprint, "encoder": encoder.name, "dim": encoder.dim, "shard_rows": shard_rows}
     if (out / "meta.json").exists() and json.loads((out / "meta.json").read_text()) != meta:
         raise RuntimeError(f"{out} holds a cache of other data or another encoder; use a new folder")
-    (out / "meta.json").write_text(json.dumps(meta))
+    (out / f".meta-{os.getpid()}").write_text(json.dumps(meta))
+    os.replace(out / f".meta-{os.getpid()}", out / "meta.json")  # atomic: processes may build parts concurrently
     rows = list(source.iter_captions())
     for start in tqdm(range(0, len(rows), shard_rows), desc="cache"):
         chunk = rows[start:start + shard_rows]
         for kind, col in (("long", 1), ("short", 2)):
             path = out / f"{kind}-{start:09d}.safetensors"
-            if path.exists():
+            if path.exists() or kind not in kinds:
                 continue
-            embs = []
-            for i in range(0, len(chunk), batch_size):
-                e, m = encoder.encode([r[col] or "" for r in chunk[i:i + batch_size]])
-                embs += [e[j, m[j]].to(torch.bfloat16).cpu() for j in range(len(e))]
+            texts = [r[col] or "" for r in chunk]
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together
+            embs = [None] * len(texts)
+            for i in range(0, len(order), batch_size):
+                rows = order[i:i + batch_size]
+                e, m = encoder.encode([texts[r] for r in rows])
+                for j, r in enumerate(rows):
+                    embs[r] = e[j, m[j]].to(torch.bfloat16).cpu()
             offs = torch.tensor([0] + [len(e) for e in embs]).cumsum(0)
             save_file({"emb": torch.cat(embs), "offsets": offs}, str(path) + ".tmp")
             os.replace(str(path) + ".tmp", path)
@@ -206,14 +212,25 @@ def cpu_track_paths(cache: Path, seed: int, pool: int, encoder_name: str, repa_g
     return text, teacher
 
 
-def cpu_track_data(cache: Path, seed: int, pool: int, encoder, repa_grid: int):
+def cpu_track_data(cache: Path, seed: int, pool: int, encoder, repa_grid: int, rank=0, world=1):
     """The CPU track's data preparation, outside the clock and cached (a second run finds it): the captions of its
     pool of `pool` procedural scenes encoded once, and the REPA teacher trained once on scenes at the burn-in's
-    token grid (scenes.scene_teacher)."""
+    token grid (scenes.scene_teacher). With several processes the work is shared: the long captions on rank 0, the
+    short ones and the teacher on rank 1 (each single-threaded under torchrun); the caller waits for all."""
     text, teacher = cpu_track_paths(cache, seed, pool, encoder.name, repa_grid)
-    build_cache(scenes.SceneDataset(seed, pool), encoder, text)
+    ds = scenes.SceneDataset(seed, pool)
+    jobs = [lambda: build_cache(ds, encoder, text, kinds=("long",)),
+            lambda: build_cache(ds, encoder, text, kinds=("short",))]
     if teacher is not None:
-        scenes.scene_teacher(teacher, grid=repa_grid)
+        jobs.append(lambda: scenes.scene_teacher(teacher, grid=repa_grid))
+    todo = not all((text / f"{k}-{0:09d}.safetensors").exists() for k in ("long", "short")) or (
+        teacher is not None and not (teacher / "config.json").exists())
+    if todo and rank == 0:
+        print(f"CPU track: preparing its data once under {cache} (caption cache, REPA teacher); later runs reuse it",
+              flush=True)
+    mine = jobs if world == 1 else jobs[:1] if rank == 0 else jobs[1:] if rank == 1 else []
+    for job in mine:
+        job()
 
 
 # ======================================================================================================================

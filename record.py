@@ -22,6 +22,8 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
+import platform
 import re
 import subprocess
 import sys
@@ -64,6 +66,41 @@ def write_sources(f, tr):
     dirty = bool(git("status", "--porcelain"))
     f.write(f"==== end of sources ====\ngit:{git('rev-parse', 'HEAD') or 'unknown'} dirty:{dirty}\n"
             f"data_manifest:{data_manifest(tr)}\n")
+
+
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                "amx_tile", "amx_bf16", "asimd", "sve", "sve2", "bf16", "i8mm")  # x86 and Arm vector extensions
+
+
+def machine() -> dict:
+    """What the record names of the machine it ran on, so that times can be compared: CPU model, cores, vector
+    extensions (from /proc/cpuinfo on Linux), the SIMD level PyTorch's CPU kernels use, and the GPUs."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (x.strip() for x in line.partition(":"))
+            info.setdefault(key, value)  # the first processor's entry
+    except OSError:
+        pass
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    return {"cpu": info.get("model name") or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "vector": ",".join(f for f in VECTOR_FLAGS if f in flags) or "unknown",
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+
+
+def parse_machine(text: str) -> dict | None:
+    """The `machine: {json}` header line of a log (train.py writes it); None for logs older than that line."""
+    m = re.findall(r"^machine: (\{.*\})$", text, re.MULTILINE)
+    return json.loads(m[-1]) if m else None
+
+
+def describe_machine(m: dict | None) -> str:
+    """One line for the leaderboard's hardware column (the evaluating machine for logs without a machine line)."""
+    if m is None:
+        return evaluation.environment()["eval_hardware"]
+    gpus = f"{len(m['gpus'])}x {m['gpus'][0]}, " if m["gpus"] else ""
+    return f"{gpus}{m['cpu']}, {m['cores']} cores ({m['torch_cpu_capability']}: {m['vector']})"
 
 
 def source_hashes() -> str:
@@ -131,6 +168,10 @@ def extract(path, out) -> list[str]:
     src = {}
     for log in logs:
         src.update(embedded_sources(log.read_text(errors="replace")))
+    foreign = [n for n in src if n not in SOURCES]  # only train.py's own plain file names: nothing outside `out`
+    if foreign:
+        raise SystemExit(f"record.py: {path}: refused, nothing written: embedded file name {foreign[0]!r} is not one "
+                         f"of train.py's files ({', '.join(SOURCES)})")
     bad = [n for n, (_, text) in src.items() if text is None]
     if not src or bad:
         raise SystemExit(f"record.py: {path}: " + (f"{', '.join(bad)} do not hash as declared" if bad else
@@ -154,14 +195,29 @@ def recorded_module(log_text: str, name: str):
     return module
 
 
+def model_code(log_text: str, trust_recorded_code=False):
+    """The module that re-evaluates a record: this checkout's model.py if the recorded one is byte-identical, else the
+    recorded one when the caller trusts it; otherwise one line saying what the opt-in does."""
+    want = embedded_sources(log_text).get("model.py", (None, None))[0]
+    if want == data.file_sha256(HERE / "model.py"):
+        return evaluation.model_lib
+    if not trust_recorded_code:
+        raise SystemExit("record.py: the record's model.py differs from this checkout's; re-evaluating would run the "
+                         "submitter's code with your permissions: pass --trust-recorded-code to run it (read it first: "
+                         "`record.py extract`), or check out the commit its log names")
+    return recorded_module(log_text, "model.py")
+
+
 # ======================================================================================================================
 # Records: verify, make
 
 
-def verify(record_dir, ckpt=None, rtol=0.02) -> list[str]:
+def verify(record_dir, ckpt=None, rtol=0.02, trust_recorded_code=False) -> list[str]:
     """Problems found (empty = verified): every log embeds train.py, model.py and data.py, every embedded source
-    hashes as declared, metrics.json's code hashes agree with the log's; with a checkpoint, the recorded model.py
-    (loaded explicitly from the log) is re-evaluated under this eval.py's protocol, and the numbers compared."""
+    hashes as declared, metrics.json's code hashes agree with the log's; with a checkpoint, the model is re-evaluated
+    under this eval.py's protocol and the numbers compared. The model code is this checkout's model.py when the
+    recorded one is byte-identical; otherwise the recorded model.py runs only with trust_recorded_code (it is the
+    submitter's code, run with your permissions: transformers' trust_remote_code in spirit)."""
     d = Path(record_dir)
     if not (d / "metrics.json").is_file():
         raise SystemExit(f"record.py: {d} is not a record folder (no metrics.json); records are under records/<track>/")
@@ -195,7 +251,7 @@ def verify(record_dir, ckpt=None, rtol=0.02) -> list[str]:
         if ran and now not in ran.group(1):
             problems.append(f"the evaluation data differ from the run's ({ran.group(1)} vs {now})")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, enc = evaluation.load_checkpoint(ckpt, device, model_lib=recorded_module(text, "model.py"))
+        model, enc = evaluation.load_checkpoint(ckpt, device, model_lib=model_code(text, trust_recorded_code))
         new = evaluation.evaluate(model, enc, meta["track"], meta["n"])
         for k in ("fid", "cmmd", "dino_mmd", "fd_dinov2"):
             if isinstance(meta.get(k), float) and not math.isclose(new[k], meta[k], rel_tol=rtol):
@@ -237,12 +293,14 @@ def make_record(track, ckpt, logs, name, description="", n=None, hardware=None, 
         m = re.findall(r"\bwall(?:_clock)?_s:([\d.]+)", text)
         wall_clock = float(m[-1]) if m else sum(r["ms"] for r in rows if isinstance(r.get("ms"), float)) / 1e3
     variants = re.findall(r"^track:\S+ variant:(\S+)", text, re.MULTILINE)  # train.VARIANTS (ablations)
+    flops = re.findall(r"^done: .*\bflops:(\S+)", text, re.MULTILINE)  # the training FLOPs (the CPU track's budget)
     code = {k: h for k, (h, _) in embedded_sources(text).items()}
     code["eval.py (evaluated)"] = data.file_sha256(HERE / "eval.py")
     metrics.update(name=name, date=today, description=description,
-                   hardware=hardware or evaluation.environment()["eval_hardware"], wall_clock_s=round(wall_clock, 1),
+                   hardware=hardware or describe_machine(parse_machine(text)), wall_clock_s=round(wall_clock, 1),
                    variant=variants[-1] if variants else "baseline", steps=rows[-1].get("step"),
-                   images_seen=rows[-1].get("seen"), protocol=proto, val_loss=parse_val_loss(logs), code_hashes=code,
+                   images_seen=rows[-1].get("seen"), train_flops=float(flops[-1]) if flops else None,
+                   machine=parse_machine(text), protocol=proto, val_loss=parse_val_loss(logs), code_hashes=code,
                    software=evaluation.environment(), ckpt=str(ckpt))
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     fid, wall = evaluation.fmt(metrics["fid"], 2), evaluation.fmt_time(metrics["wall_clock_s"])
@@ -268,6 +326,9 @@ def main(argv=None):
     v = sub.add_parser("verify", help="check a record's log and hashes; re-evaluate with --ckpt")
     v.add_argument("record")
     v.add_argument("--ckpt")
+    v.add_argument("--trust-recorded-code", action="store_true",
+                   help="with --ckpt: re-evaluate with the model.py embedded in the record's log even when it differs "
+                        "from this checkout's (it runs the submitter's code)")
     x = sub.add_parser("extract", help="write the code as run (embedded in the log) into a folder")
     x.add_argument("record", help="a records/ folder or a log file")
     x.add_argument("out")
@@ -276,7 +337,7 @@ def main(argv=None):
         print("wrote", make_record(a.track, a.ckpt, a.log, a.name, a.desc or "", a.n, a.hardware, a.wall_clock))
         print("updated:", evaluation.write_leaderboard())
     elif a.cmd == "verify":
-        problems = verify(a.record, a.ckpt)
+        problems = verify(a.record, a.ckpt, trust_recorded_code=a.trust_recorded_code)
         print("\n".join(problems) or "verified")
         sys.exit(1 if problems else 0)
     elif a.cmd == "extract":

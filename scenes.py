@@ -184,6 +184,13 @@ def scene_labels(scene, grid, sub=8) -> torch.Tensor:
     return torch.stack(out, -1)
 
 
+def teacher_config(grid):
+    """The architecture of the CPU track's REPA teacher: a tiny DINOv2 with registers, 14 px patches on a grid."""
+    from transformers import Dinov2WithRegistersConfig
+    return Dinov2WithRegistersConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128,
+                                     patch_size=14, image_size=grid * 14, num_register_tokens=4)
+
+
 def scene_teacher(path, steps=600, batch=32, grid=8, seed=0) -> str:
     """The CPU track's REPA teacher, trained once during data preparation (outside the clock) and cached at `path`:
     a tiny DINOv2-with-registers whose patch tokens learn, from rendered scenes, each token's colour and shape, so
@@ -191,7 +198,7 @@ def scene_teacher(path, steps=600, batch=32, grid=8, seed=0) -> str:
     once on natural images). Seeded and single-threaded: the same weights whatever the process's thread count. It
     never sees the evaluation or the held-out compositions, and it is not an evaluation network (aligning to
     Inception would game FID)."""
-    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    from transformers import Dinov2WithRegistersModel
     path = Path(path)
     if (path / "config.json").exists():
         return str(path)
@@ -199,9 +206,7 @@ def scene_teacher(path, steps=600, batch=32, grid=8, seed=0) -> str:
     torch.set_num_threads(1)  # one thread: the same weights whatever the process's thread count (one summation order)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
-            hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128, patch_size=14,
-            image_size=grid * 14, num_register_tokens=4))
+        net = Dinov2WithRegistersModel(teacher_config(grid))
         head = torch.nn.Linear(64, len(COLOURS) + 1 + len(SHAPES) + 1)
         opt = torch.optim.AdamW(list(net.parameters()) + list(head.parameters()), lr=3e-3)
         mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)  # DINO's input normalisation

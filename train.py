@@ -20,6 +20,7 @@ import ctypes
 import dataclasses
 import hashlib
 import itertools
+import json
 import math
 import os
 import platform
@@ -91,7 +92,8 @@ class Track:
     projector_width: int = 2048  # REPA MLP width
     seed: int = 0
     ckpt_every: int = 2000  # steps between checkpoints (plus every stage end, SIGTERM and the time cap)
-    time_cap_s: float = 24 * 3600.0
+    time_cap_s: float = 24 * 3600.0  # the record track's budget; on the CPU track a safety net (3x its reference)
+    flop_budget: float = math.nan  # the CPU track's budget: training FLOPs (compute_plan); nan = none (record track)
     peak_flops: float = 989e12  # the step line's mfu: NVIDIA's dense bf16 spec of an H100 SXM; nan = none (CPU)
     workers: int = 8
     sample_steps: int = 50  # sampler steps of the stage-end grids
@@ -180,8 +182,9 @@ def select_track(env=os.environ) -> Track:
         tr = apply_variant(tr, variant)
     scale = env_value(env, "SPEEDRUN_STEPS_SCALE", float, "1", minimum=1e-9)
     if scale != 1:
-        tr = dataclasses.replace(tr, warmup=max(1, round(tr.warmup * scale)), stages=tuple(
-            dataclasses.replace(s, steps=max(1, round(s.steps * scale))) for s in tr.stages))
+        tr = dataclasses.replace(tr, warmup=max(1, round(tr.warmup * scale)), flop_budget=tr.flop_budget * scale,
+                                 stages=tuple(dataclasses.replace(s, steps=max(1, round(s.steps * scale)))
+                                              for s in tr.stages))
     ov = {k: env_value(env, v, t, None, minimum=m) for k, v, t, m in (
         ("ckpt_every", "SPEEDRUN_CKPT_EVERY", int, 1), ("time_cap_s", "SPEEDRUN_TIME_CAP_S", float, 0),
         ("seed", "SPEEDRUN_SEED", int, 0)) if env.get(v)}
@@ -222,6 +225,12 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
         A = X @ X.T
         X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)
     return X.T if G.size(0) > G.size(1) else X
+
+
+def ns_flops(shape, steps=5) -> int:
+    """FLOPs of zeropower_via_newtonschulz5 on one matrix: per step X X^T, A A, B X (m <= n after transpose)."""
+    m, n = sorted(shape)
+    return steps * (2 * m * m * n + 2 * m * m * m + 2 * m * m * n)
 
 
 class Muon(torch.optim.Optimizer):
@@ -343,6 +352,9 @@ class Run:
     elapsed0: float = 0.0  # training clock carried over from the checkpoint resumed
     flags: dict = dataclasses.field(default_factory=dict)  # set by the SIGTERM handler
     writer: checkpoint.Writer | None = None  # the checkpoint write in flight (rank 0 writes)
+    ns_flops: float = 0.0  # Muon's Newton-Schulz FLOPs per step (every matrix once, whatever the world size)
+    repa_flops: float = 0.0  # REPA's FLOPs per sample in the current stage (teacher forward, projector fwd + bwd)
+    flops: float = 0.0  # training FLOPs so far (the log's running total; the CPU track's budget counts these)
 
 
 def setup(env=os.environ, track=None):
@@ -378,11 +390,14 @@ def setup(env=os.environ, track=None):
     run.muon = Muon(run.model.muon_params(), lr=tr.lr, weight_decay=tr.weight_decay, momentum=tr.momentum,
                     rank=run.rank, world=run.world, ns_dtype=getattr(torch, tr.ns_dtype)) if tr.muon else None
     run.teacher_path = tr.teacher_id
+    run.ns_flops = sum(ns_flops(p.shape) for p in run.model.muon_params()) if tr.muon else 0
+    if tr.variant != "baseline":  # an ablation spends the baseline's budget: its main stage takes up the difference
+        run.tr = tr = fit_budget(run, compute_plan(run))
+    check_budget(run, compute_plan(run))  # before the data preparation's minutes
     if tr.scene_pool:  # the CPU track's data preparation (caption cache, REPA teacher), outside the clock, cached
         repa = [s.res for s in tr.stages if s.repa]
         grid = repa[0] // run.cfg.patch if repa and tr.teacher_id == "scenes" else 0  # the burn-in's token grid
-        if run.rank == 0:
-            prepare.cpu_track_data(run.cache, tr.seed, tr.scene_pool, run.enc, grid)
+        prepare.cpu_track_data(run.cache, tr.seed, tr.scene_pool, run.enc, grid, run.rank, run.world)
         if run.world > 1:
             dist.barrier()
         run.scene_text, teacher = prepare.cpu_track_paths(run.cache, tr.seed, tr.scene_pool, run.enc.name, grid)
@@ -390,10 +405,70 @@ def setup(env=os.environ, track=None):
     return run
 
 
+# ======================================================================================================================
+# Compute: the FLOPs of training (the CPU track's budget is a number of them; the log keeps the running total)
+
+
+def repa_sample_flops(run, st) -> float:
+    """REPA's FLOPs per training sample: the frozen teacher's forward and the projector's forward + backward (3x),
+    counted by torch.utils.flop_counter on meta tensors (the config only: no weights, no compute)."""
+    from transformers import AutoConfig, AutoModel
+    grid = st.res // run.cfg.patch
+    conf = (scenes.teacher_config(grid) if run.tr.teacher_id == "scenes" else
+            AutoConfig.from_pretrained(run.teacher_path))
+    conf._attn_implementation = "eager"  # attention as matmuls that the counter sees
+    n = grid * grid  # tokens at the REPA tap: SPRINT's kept ones when the tap is in the sparse middle
+    if st.sprint_drop and run.cfg.sparse_start < run.cfg.repa_block <= run.cfg.sparse_end:
+        n = round(n * (1 - st.sprint_drop))
+    with torch.device("meta"):
+        teacher = AutoModel.from_config(conf)
+        proj = model.make_projector(run.cfg.hidden, run.tr.projector_width, conf.hidden_size, 0)
+        size = grid * conf.patch_size
+        return (model.counted_flops(teacher, pixel_values=torch.empty(1, 3, size, size)) +
+                3 * model.counted_flops(proj, torch.empty(1, n, run.cfg.hidden)))
+
+
+def text_bound(run) -> int:
+    """The most text tokens a batch can carry: tr.text_len, else the longest caption of the CPU track's pool."""
+    if run.tr.text_len or not run.tr.scene_pool:
+        return run.tr.text_len or run.enc.max_len
+    caps = [c for _, *cs in scenes.SceneDataset(run.tr.seed, run.tr.scene_pool).iter_captions() for c in cs]
+    return max(len(ids) for ids in run.enc.tok(caps, truncation=True, max_length=run.enc.max_len)["input_ids"])
+
+
+def compute_plan(run) -> list[float]:
+    """Each stage's training FLOPs, planned before any step: steps x (global batch x (denoiser forward + backward as
+    model.train_flops counts them + REPA) + Muon's Newton-Schulz). An upper bound: text at its longest (the step
+    lines count each batch's real length). Not counted: the EMA and the optimizers' elementwise updates, the
+    stage-end grids and validation loss (no training)."""
+    L = text_bound(run)
+    return [st.steps * (st.batch * (model.train_flops(run.cfg, st.res, L, st.sprint_drop) +
+                                    (repa_sample_flops(run, st) if st.repa else 0)) + run.ns_flops)
+            for st in run.tr.stages]
+
+
+def fit_budget(run, plan) -> Track:
+    """The track with its main stage (index 1) lengthened or shortened so that the plan spends the budget without
+    exceeding it: every ablation variant trains on the same compute as the baseline."""
+    if not math.isfinite(run.tr.flop_budget):
+        return run.tr
+    k, st = 1, run.tr.stages[1]
+    steps = st.steps + math.floor((run.tr.flop_budget - sum(plan)) / (plan[k] / st.steps))
+    stages = tuple(dataclasses.replace(s, steps=max(1, steps)) if i == k else s for i, s in enumerate(run.tr.stages))
+    return dataclasses.replace(run.tr, stages=stages)
+
+
+def check_budget(run, plan):
+    if sum(plan) > run.tr.flop_budget:  # nan (no budget) never refuses
+        raise SystemExit(f"train.py: the {run.tr.name} track's stages plan {sum(plan):.4g} training FLOPs, over its "
+                         f"budget of {run.tr.flop_budget:.4g} (Track.flop_budget); shorten the stage table")
+
+
 def enter_stage(run, k):
     """Switch to stage k: its data loader, and REPA alive only where the stage table says so."""
     st, tr = run.tr.stages[k], run.tr
     run.k, run.stage = k, st
+    run.repa_flops = repa_sample_flops(run, st) if st.repa else 0.0
     if st.repa and run.teacher is None:  # REPA burn-in: frozen teacher + trainable projector (AdamW)
         from transformers import AutoModel
         path = run.teacher_path
@@ -508,7 +583,7 @@ def train_step(run):
     G = st.batch  # the global batch
     params = list(run.model.parameters()) + (list(run.projector.parameters()) if run.projector else [])
     fm_sum = repa_sum = served = torch.zeros((), device=run.device)
-    txt_len = 0
+    txt_len, flops = 0, 0.0
     for _ in range(run.accum):
         batch = next_batch(run)
         if len(batch["index"]) == 0:  # every row of this micro-batch was bad (skipped and counted by data.py)
@@ -528,11 +603,14 @@ def train_step(run):
         fm_sum = fm_sum + fm.detach().sum()
         served = served + len(fm)
         txt_len = txt.shape[1]
+        flops += len(fm) * (model.train_flops(run.cfg, st.res, txt_len, st.sprint_drop) + run.repa_flops)
     stop = float(bool(run.flags) or time.time() - run.t0 + run.elapsed0 >= run.tr.time_cap_s)
-    stats = torch.stack([fm_sum, repa_sum, served, torch.tensor(stop, device=run.device)])
+    stats = torch.stack([fm_sum, repa_sum, served, torch.tensor(stop, device=run.device)]).double()
+    stats = torch.cat([stats, torch.tensor([flops], dtype=torch.float64, device=run.device)])  # float64: exact sums
     if run.world > 1:
         dist.all_reduce(stats)
-    fm_sum, repa_sum, n, stop = stats.tolist()
+    fm_sum, repa_sum, n, stop, flops = stats.tolist()
+    run.flops += flops + run.ns_flops
     n = max(n, 1.0)
     loss = fm_sum / n
     repa = repa_sum / n
@@ -574,7 +652,7 @@ def save_checkpoint(run, why):
         state = {"step": run.step, "stage": run.k, "run_id": run.id, "track": run.tr.name, "world": run.world,
                  "adamw": run.adamw.state_dict(), "muon": run.muon.state_dict() if run.muon else None,
                  "loader": run.loader.state_dict(), "projector": run.projector.state_dict() if run.projector else None,
-                 "elapsed": time.time() - run.t0 + run.elapsed0, "rng": torch.get_rng_state()}
+                 "elapsed": time.time() - run.t0 + run.elapsed0, "rng": torch.get_rng_state(), "flops": run.flops}
         snap = {"model": run.model.state_dict(), "ema": run.ema.state_dict(), "config": config, "state": state}
         path = run.writer.start(checkpoint.checkpoint_dir(run.out, run.id), run.step, snap)
         log(run, f"checkpoint:{path} why:{why} stall_s:{time.perf_counter() - t:.2f} (written in the background)")
@@ -588,6 +666,7 @@ def restore_weights(run, contents: tuple) -> dict:
     run.model.load_state_dict(weights)
     run.ema.load_state_dict(ema)
     run.step, run.elapsed0 = state["step"], state["elapsed"]
+    run.flops = state.get("flops", math.nan)  # checkpoints older than the FLOP count: unknown
     torch.set_rng_state(state["rng"].cpu())
     return state
 
@@ -633,9 +712,12 @@ def write_header(run):
                 if math.isfinite(run.peak_measured) else "not measured (no CUDA)")
     spec = run.tr.peak_flops / 1e12
     log(run, f"peak: spec {spec:.0f} TFLOP/s (H100 SXM dense bf16; the step line's mfu), {measured}")
+    log(run, f"machine: {json.dumps(record.machine())}")
     log(run, f"hyper: {dataclasses.replace(run.tr, stages=())}")
+    plan = compute_plan(run)
     for k, st in enumerate(run.tr.stages):
-        log(run, f"plan: stage {k + 1} {st}")
+        log(run, f"plan: stage {k + 1} {st} flops<={plan[k]:.4e}")
+    log(run, f"compute: planned <= {sum(plan):.4e} training FLOPs, budget {run.tr.flop_budget:.4e}", console=True)
 
 
 def step_line(run, m, dt):
@@ -650,7 +732,8 @@ def step_line(run, m, dt):
                for s, end in zip(run.tr.stages, stage_ends(run.tr)))
     return (f"step:{run.step}/{stage_ends(run.tr)[-1]} stage:{run.k + 1} loss:{m['loss']:.4f}{repa} lr:{m['lr']:.1e} "
             f"gnorm:{m['gnorm']:.2f} ms:{dt * 1e3:.0f} img/s:{G / dt:.1f} mfu:{mfu:.3f}"
-            f"{f' mfu_measured:{meas:.3f}' if math.isfinite(meas) else ''} mem_gb:{mem:.1f} seen:{seen}")
+            f"{f' mfu_measured:{meas:.3f}' if math.isfinite(meas) else ''} mem_gb:{mem:.1f} seen:{seen} "
+            f"flops:{run.flops:.4e}")
 
 
 VAL_T = (0.1, 0.3, 0.5, 0.7, 0.9)  # t bins of the validation loss
@@ -712,7 +795,8 @@ def train_stage(run, end, bar, kill_at):
         if run.step % run.tr.ckpt_every == 0 and run.step < end:
             save_checkpoint(run, "periodic")
         if m["stop"]:
-            return "SIGTERM" if run.flags else f"wall-clock cap {run.tr.time_cap_s:.0f} s reached"
+            return "SIGTERM" if run.flags else (f"wall-clock cap {run.tr.time_cap_s:.0f} s reached: the run is "
+                                                f"incomplete and not a valid record")
         if run.step < end:
             maybe_kill(run, kill_at)
     return None
@@ -770,6 +854,7 @@ def main(env=os.environ):
         if why and run.step < total:
             save_checkpoint(run, why)
             log(run, f"STOP: {why}; saved at step {run.step}; resume with SPEEDRUN_RESUME={run.id}", console=True)
+            code = 0 if run.flags else 3  # SIGTERM (preemption) is an expected stop; the cap is not
             break
     bar.close()
     run.writer.wait()  # nothing is lost: the last write lands before the run reports
@@ -777,8 +862,8 @@ def main(env=os.environ):
         run.loader.close()
     if run.step >= total:
         wall = time.time() - run.t0 + run.elapsed0
-        log(run, f"done: track:{run.tr.name} steps:{total} wall_s:{wall:.1f} (the clock covers everything after setup: "
-                 f"data, teacher, sample grids, checkpoints)", console=True)
+        log(run, f"done: track:{run.tr.name} steps:{total} wall_s:{wall:.1f} flops:{run.flops:.6e} (the clock covers "
+                 f"everything after setup: data, teacher, sample grids, checkpoints)", console=True)
     if run.rank == 0:
         run.logf.close()
         run.lock.close()  # the run directory is free again (a process's exit frees it too)

@@ -43,12 +43,6 @@ import model
 import train
 
 
-def ns_flops(shape, steps=5):
-    """FLOPs of train.zeropower_via_newtonschulz5 on one matrix: per step X X^T, A A, B X (m <= n after transpose)."""
-    m, n = sorted(shape)
-    return steps * (2 * m * m * n + 2 * m * m * m + 2 * m * m * n)
-
-
 def muon_cost_model(cfg, stages, worlds=(1, 8), txt_len=256):
     """Newton-Schulz FLOPs per step on the busiest rank (matrices of one shape are split round-robin across ranks,
     as train.Muon does) against the model FLOPs per step per rank."""
@@ -59,7 +53,7 @@ def muon_cost_model(cfg, stages, worlds=(1, 8), txt_len=256):
         buckets[s] = buckets.get(s, 0) + 1
     rows = []
     for w in worlds:
-        ns = sum(math.ceil(n / w) * ns_flops(s) for s, n in buckets.items())
+        ns = sum(math.ceil(n / w) * train.ns_flops(s) for s, n in buckets.items())
         for st in stages:
             fwd_bwd = st.batch * model.train_flops(cfg, st.res, txt_len, st.sprint_drop) / w
             rows.append((w, st.name, ns, fwd_bwd, ns / (ns + fwd_bwd)))

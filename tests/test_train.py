@@ -2,8 +2,11 @@
 stage transitions, time cap, non-finite loss, kill-and-resume, and the CPU track end to end (shortened)."""
 
 import dataclasses
+import itertools
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
 
 import checkpoint
 import data
@@ -26,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HELPER = ROOT / "tests" / "train_dist_helper.py"
 SCALE = "0.04"  # the CPU track at 4 % of its steps: 6 / 30 / 4 / 3 steps
 # 32 px (4x4 tokens of 8 px), global batch 4 in micro-batches of 2: accumulation, REPA, SPRINT, mixed captions
-TINY = dataclasses.replace(train.CPU, warmup=2, ckpt_every=1000, stages=(
+TINY = dataclasses.replace(train.CPU, warmup=2, ckpt_every=1000, flop_budget=math.nan, stages=(
     train.Stage("burn-in", 32, 2, 4, 2, 0.0, 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
     train.Stage("main", 32, 2, 4, 2, 0.0, 0.0, 0.0, 0.0, (1.0, 1.0), "scenes"),
     train.Stage("high-res", 32, 2, 4, 2, 0.0, 0.0, 0.75, 0.5, (1.0, 1.0), "scenes"),
@@ -183,6 +187,50 @@ def test_stage_transitions(tmp_path, monkeypatch):
     assert train.lr_at(TINY, 0) < train.lr_at(TINY, 1) == TINY.lr  # warmup
 
 
+def test_flops_counted_per_step_and_planned(tmp_path, monkeypatch):
+    """The running FLOP total grows each step by exactly: per micro-batch, its samples x model.train_flops at its text
+    length, + REPA per sample (the teacher's forward and the projector's fwd + bwd, counted here on the real
+    networks), + Newton-Schulz on every Muon matrix; the plan (text at its longest) bounds each stage from above."""
+    run = make_run(tmp_path)
+    lens = []
+    text_condition = train.text_condition
+    monkeypatch.setattr(train, "text_condition", lambda *a: lens.append(text_condition(*a)) or lens[-1])
+    ns = sum(train.ns_flops(p.shape) for p in run.model.muon_params())
+    assert run.ns_flops == ns > 0
+    plan = train.compute_plan(run)
+    for k, st in enumerate(TINY.stages):
+        train.enter_stage(run, k)
+        repa = 0
+        if st.repa:  # the real teacher and projector, with a real backward through the projector
+            grid = st.res // run.cfg.patch
+            x0 = torch.rand(1, 3, st.res, st.res) * 2 - 1
+            run.teacher.set_attn_implementation("eager")  # attention as matmuls the counter sees
+            with FlopCounterMode(display=False) as fc:
+                model.teacher_tokens(run.teacher, x0, grid)
+                run.projector(torch.randn(1, grid * grid, run.cfg.hidden, requires_grad=True)).sum().backward()
+            repa = fc.get_total_flops()
+            assert repa > 0 and run.repa_flops == repa
+        lens.clear()
+        before = run.flops
+        train.train_step(run)
+        want = sum(len(t) * (model.train_flops(run.cfg, st.res, t.shape[1], st.sprint_drop) + repa) for t, _ in lens)
+        assert run.flops - before == want + ns
+        assert plan[k] / st.steps >= want + ns  # the plan is an upper bound per step
+    assert plan[0] > plan[1]  # REPA is counted in the burn-in's plan
+
+
+def test_over_budget_recipe_stops_at_setup(tmp_path):
+    with pytest.raises(SystemExit, match=r"^train.py: the cpu track's stages plan .* over its budget of 1e\+09"):
+        make_run(tmp_path, dataclasses.replace(TINY, flop_budget=1e9))
+    run = make_run(tmp_path, dataclasses.replace(TINY, flop_budget=sum(train.compute_plan(make_run(tmp_path)))))
+    assert run.tr.flop_budget > 0  # exactly at the budget is allowed
+
+
+def logged(log, tag, key):
+    """The value after `key` on the log's last line that starts with `tag` (not the embedded sources' text)."""
+    return re.findall(rf"^{tag} .*?{re.escape(key)}(\S+)", log, re.MULTILINE)[-1]
+
+
 def cpu_env(out, **kw):
     env = env_for(out, SPEEDRUN_STEPS_SCALE="0.01", **kw)  # 2 / 10 / 1 / 1 steps
     env.pop("SPEEDRUN_TRACK")
@@ -201,7 +249,8 @@ def main_in_process(env):
 def test_time_cap_saves_and_stops(tmp_path):
     code = main_in_process(cpu_env(tmp_path, SPEEDRUN_RUN_ID="cap", SPEEDRUN_TIME_CAP_S="0"))
     log = (tmp_path / "logs" / "cap.txt").read_text()
-    assert code == 0 and "track:cpu" in log and "STOP: wall-clock cap 0 s reached; saved at step 1" in log
+    assert code == 3 and "track:cpu" in log  # the cap is a safety net: hitting it is not a finished run
+    assert "STOP: wall-clock cap 0 s reached: the run is incomplete and not a valid record; saved at step 1" in log
     assert checkpoint.latest_checkpoint(tmp_path / "checkpoints" / "cap").name == "step-00000001"
 
 
@@ -253,8 +302,17 @@ def test_cpu_track_end_to_end(reference):
     assert [r["step"] for r in rows] == list(range(1, total + 1))
     assert {r["stage"] for r in rows} == {1, 2, 3, 4}
     assert all(("repa" in r) == (r["stage"] == 1) for r in rows)
-    for key in ("loss", "lr", "gnorm", "ms", "img/s", "mfu", "mem_gb"):
+    for key in ("loss", "lr", "gnorm", "ms", "img/s", "mfu", "mem_gb", "flops"):
         assert all(key in r for r in rows), key
+    flops = [r["flops"] for r in rows]  # the running total of training FLOPs
+    assert all(b > a > 0 for a, b in itertools.pairwise(flops))
+    done = float(logged(log, "done:", "flops:"))
+    assert done == pytest.approx(flops[-1], rel=1e-4)
+    planned = float(logged(log, "compute:", "planned <= "))
+    assert 0.8 * planned < done <= planned  # the plan bounds the real count (text at its longest)
+    mach = record.parse_machine(log)  # the machine, so that times can be compared
+    assert mach["cores"] == os.cpu_count() and mach["cpu"] and mach["vector"] and mach["gpus"] == []
+    assert mach["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     s2 = [r["loss"] for r in rows if r["stage"] == 2]
     first = sum(r["loss"] for r in rows[:3]) / 3
     assert sum(s2[-5:]) / 5 < 0.5 * first  # loss falls (same 64 px resolution)
@@ -279,6 +337,8 @@ def test_record_from_the_log_verifies_reevaluates_and_extracts(reference, tmp_pa
     assert sorted(p.name for p in d.iterdir()) == ["README.md", "loss.png", "metrics.json", "ref.txt", "samples.png"]
     meta = json.loads((d / "metrics.json").read_text())
     assert meta["n"] == 8 and meta["code_hashes"]["model.py"] == data.file_sha256(ROOT / "model.py")
+    assert meta["machine"] == record.parse_machine((out / "logs" / "ref.txt").read_text())
+    assert meta["train_flops"] > 0 and meta["machine"]["cpu"] in meta["hardware"]
     assert record.verify(d) == []
     assert record.verify(d, ckpt=ckpt, rtol=1e-9) == []
     names = record.extract(d, tmp_path / "code")
@@ -309,6 +369,8 @@ def test_kill_and_resume_match_uninterrupted(reference):
     ckpt, w, e = final_weights(out, "kill")
     assert ckpt.name == checkpoint.latest_checkpoint(out / "checkpoints" / "ref").name
     assert all(torch.equal(w[k], w_ref[k]) for k in w_ref) and all(torch.equal(e[k], e_ref[k]) for k in e_ref)
+    ref_log = (out / "logs" / "ref.txt").read_text()
+    assert logged(log, "done:", "flops:") == logged(ref_log, "done:", "flops:")  # the count survives the resumes
 
 
 def test_text_padded_to_the_tracks_fixed_length_with_caption_dropout():

@@ -1,0 +1,33 @@
+"""Evaluate one checkpoint under the CPU protocol with other samplers (not the protocol: each row says what differs):
+FID, held-out and training-prompt adherence, and the evaluation's seconds, one JSON line per setting.
+
+    python tests/sampler_sweep.py CKPT euler:8:6 euler:16:6 heun:8:6 ...   # method:steps:shift [n_train]
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import eval as evaluation
+
+
+def main(ckpt, settings, n_train=None):
+    model, enc = evaluation.load_checkpoint(ckpt)
+    frozen = dict(evaluation.PROTOCOLS["cpu"])
+    for s in settings:
+        method, steps, shift = s.split(":")
+        evaluation.PROTOCOLS["cpu"] = dict(frozen, method=method, steps=int(steps), shift=float(shift),
+                                           **({"n_train": n_train} if n_train else {}))
+        m = evaluation.evaluate(model, enc, "cpu", progress=False)
+        print(json.dumps({"sampler": s, "n": m["n"], "fid": round(m["fid"], 2),
+                          "held_out": round(100 * m["adherence"]["all"], 1),
+                          "held_out_parts": {k: round(100 * v, 1) for k, v in m["adherence"].items()},
+                          "train": round(100 * m["adherence_train"]["all"], 1),
+                          "n_train": evaluation.PROTOCOLS["cpu"]["n_train"], "eval_s": m["eval_seconds"]}), flush=True)
+    evaluation.PROTOCOLS["cpu"] = frozen
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    n_train = int(args.pop()) if args[-1].isdigit() else None
+    main(args[0], args[1:], n_train)
