@@ -43,7 +43,7 @@ PRX_EFFECT = {
     "adamw-only": "worse: FID 15.55 with Muon vs 18.20 with AdamW, at equal steps",
     "short-captions": "worse: FID 36.84 with short captions only vs 18.20 with long ones",
     "long-only": "no FID published: the mixed fine-tune exists so that short prompts work",
-    "dense-hires": "worse: FID 16.90 with SPRINT vs 17.42 dense at 1024 px, and 1.42x the batches/s",
+    "sprint-hires": "better: FID 16.90 with SPRINT vs 17.42 dense at 1024 px, and 1.42x the batches/s",
     "bf16-weights": "worse: FID 21.87 with weights stored in bf16 vs 18.20 with FP32 master weights",
 }
 COLUMNS = (("fid", "FID", 1), ("held", "held-out adherence %", 1), ("train", "train-prompt adherence %", 1),

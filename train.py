@@ -121,25 +121,29 @@ RECORD = Track(
         Stage("sft",      1024, 10_000,  512,  16,       0.5,    0.0, 0.0,        0.1,      (1.0, 0.0), "sft-mix"),
     ))  # sft-mix: mj-llava + 5 % Alchemist (data.MIXES)
 # The same four stages in miniature: tiny model (8 px patches, RoPE interpolated to an 8x8 grid), procedural scenes,
-# 64 px (8x8 tokens) then 96 px (12x12), <= 10 min on 2 cores. Why each setting: README, "CPU track: what limits
-# learning" (t shift 4x the SD3 rule: flat synthetic scenes keep their layout visible at noise levels where photos
-# lose it; RoPE interpolation: raw positions put a 96 px image on angles a few high-res steps cannot learn).
+# 64 px (8x8 tokens) then 96 px (12x12). Its budget is compute, not time: flop_budget training FLOPs (compute_plan;
+# ~7 min on a 2-core box); the wall clock is reported, and capped at ~3x that only as a safety net. Why each setting:
+# README, "CPU track" (t shift 4x the SD3 rule: flat synthetic scenes keep their layout visible at noise levels where
+# photos lose it; RoPE interpolation: raw positions put a 96 px image on angles a few high-res steps cannot learn;
+# the 96 px stage dense, not SPRINT: at 144 tokens SPRINT lost at equal clock: records/cpu/ablations-2026-11-27).
 CPU = Track(
     name="cpu", preset="tiny", text_encoder="cpu_track", teacher_id="scenes", shift_base=16,
-    lr=3e-3, warmup=50, clip=1.0, ema=0.98, ema_every=1, projector_width=256, ckpt_every=100, time_cap_s=600.0,
+    lr=3e-3, warmup=50, clip=1.0, ema=0.98, ema_every=1, projector_width=256, ckpt_every=100, time_cap_s=1200.0,
+    flop_budget=3.06e13,
     peak_flops=float("nan"), workers=0, sample_steps=8, ns_dtype="float32", text_len=0, scene_pool=8192,
     stages=(
         #     name        res  steps batch max_micro p_short repa sprint_drop path_drop lr_mult     source
-        Stage("burn-in",  64,  240,  32,   32,       0.0,    0.5, 0.0,        0.0,      (1.0, 1.0), "scenes"),
-        Stage("main",     64,  1050, 32,   32,       0.0,    0.0, 0.0,        0.0,      (1.0, 1.0), "scenes"),
-        Stage("high-res", 96,  140,  32,   32,       0.0,    0.0, 0.75,       0.1,      (1.0, 1.0), "scenes"),
-        Stage("sft",      96,  90,   32,   32,       0.5,    0.0, 0.0,        0.1,      (1.0, 0.0), "scenes"),
+        Stage("burn-in",  64,  200,  32,   32,       0.0,    0.5, 0.0,        0.0,      (1.0, 1.0), "scenes"),
+        Stage("main",     64,  580,  32,   32,       0.0,    0.0, 0.0,        0.0,      (1.0, 1.0), "scenes"),
+        Stage("high-res", 96,  70,   32,   32,       0.0,    0.0, 0.0,        0.0,      (1.0, 1.0), "scenes"),
+        Stage("sft",      96,  60,   32,   32,       0.5,    0.0, 0.0,        0.1,      (1.0, 0.0), "scenes"),
     ))
 TRACKS = {"record": RECORD, "cpu": CPU}
 # Ablations in miniature (PRX's table on the CPU track): each variant changes exactly one lever of the CPU track.
 # SPEEDRUN_VARIANT=<name> picks one; `python ablate.py` trains and scores them all. Rows: Track fields, then Stage
-# fields per stage index. dense-hires keeps the stage's wall clock: a dense 96 px step costs 615 ms, a SPRINT one 392
-# (medians, the README command on 2 cores, commit cd8d306), so it trains 392/615 of the steps.
+# fields per stage index. Every variant spends the baseline's FLOP budget (fit_budget: the main stage's steps take up
+# the difference); sprint-hires trains the record track's SPRINT stage, as many sparse steps as the dense ones cost.
+TINY_CFG = model.PRESETS["tiny"]
 VARIANTS = {
     "baseline": ({}, {}),
     "no-repa": ({}, {0: {"repa": 0.0}}),  # the burn-in trains without REPA
@@ -147,7 +151,8 @@ VARIANTS = {
     "adamw-only": ({"muon": False}, {}),  # AdamW for every parameter
     "short-captions": ({}, {k: {"p_short": 1.0} for k in range(4)}),  # short captions throughout
     "long-only": ({}, {3: {"p_short": 0.0}}),  # no mixed long/short fine-tune
-    "dense-hires": ({}, {2: {"sprint_drop": 0.0, "path_drop": 0.0, "steps": round(CPU.stages[2].steps * 392 / 615)}}),
+    "sprint-hires": ({}, {2: {"sprint_drop": 0.75, "path_drop": 0.1, "steps": round(  # ~32 text tokens
+        CPU.stages[2].steps * model.train_flops(TINY_CFG, 96, 32) / model.train_flops(TINY_CFG, 96, 32, 0.75))}}),
     "bf16-weights": ({"bf16_weights": True}, {}),  # weights stored in bf16
 }
 

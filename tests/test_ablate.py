@@ -23,7 +23,7 @@ EXPECTED = {
     "adamw-only": {("track", "muon")},
     "short-captions": {(0, "p_short"), (1, "p_short"), (2, "p_short"), (3, "p_short")},
     "long-only": {(3, "p_short")},
-    "dense-hires": {(2, "sprint_drop"), (2, "path_drop"), (2, "steps")},
+    "sprint-hires": {(2, "sprint_drop"), (2, "path_drop"), (2, "steps")},
     "bf16-weights": {("track", "bf16_weights")},
 }
 
@@ -42,9 +42,9 @@ def test_each_variant_changes_exactly_its_lever():
         tr = train.select_track({"SPEEDRUN_TRACK": "cpu", "SPEEDRUN_VARIANT": name})
         assert tr.variant == name
         assert changed(train.CPU, tr) == fields, name
-    dense = train.apply_variant(train.CPU, "dense-hires").stages[2]
-    assert dense.sprint_drop == dense.path_drop == 0
-    assert dense.steps < train.CPU.stages[2].steps  # the same clock: fewer (dearer) steps
+    sprint = train.apply_variant(train.CPU, "sprint-hires").stages[2]
+    assert sprint.sprint_drop == 0.75 and sprint.path_drop == 0.1 and train.CPU.stages[2].sprint_drop == 0
+    assert sprint.steps > 1.8 * train.CPU.stages[2].steps  # the same FLOPs: more (cheaper) steps
     assert train.select_track({"SPEEDRUN_TRACK": "cpu", "SPEEDRUN_SEED": "3"}).seed == 3
 
 
