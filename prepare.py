@@ -215,8 +215,8 @@ def cpu_track_paths(cache: Path, seed: int, pool: int, encoder_name: str, repa_g
 def cpu_track_data(cache: Path, seed: int, pool: int, encoder, repa_grid: int, rank=0, world=1):
     """The CPU track's data preparation, outside the clock and cached (a second run finds it): the captions of its
     pool of `pool` procedural scenes encoded once, and the REPA teacher trained once on scenes at the burn-in's
-    token grid (scenes.scene_teacher). With several processes the work is shared: the long captions on rank 0, the
-    short ones and the teacher on rank 1 (each single-threaded under torchrun); the caller waits for all."""
+    token grid (scenes.scene_teacher). With several processes the work is shared: the long captions on rank 1, the
+    short ones and the teacher on rank 0 (each single-threaded under torchrun); the caller waits for all."""
     text, teacher = cpu_track_paths(cache, seed, pool, encoder.name, repa_grid)
     ds = scenes.SceneDataset(seed, pool)
     jobs = [lambda: build_cache(ds, encoder, text, kinds=("long",)),
@@ -228,7 +228,7 @@ def cpu_track_data(cache: Path, seed: int, pool: int, encoder, repa_grid: int, r
     if todo and rank == 0:
         print(f"CPU track: preparing its data once under {cache} (caption cache, REPA teacher); later runs reuse it",
               flush=True)
-    mine = jobs if world == 1 else jobs[:1] if rank == 0 else jobs[1:] if rank == 1 else []
+    mine = jobs if world == 1 else jobs[1:] if rank == 0 else jobs[:1] if rank == 1 else []
     for job in mine:
         job()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -234,7 +235,9 @@ def scene_teacher(path, steps=600, batch=32, grid=8, seed=0) -> str:
                    enumerate((slice(0, nc), slice(nc, None)))]
     torch.set_num_threads(threads)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    net.save_pretrained(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)  # not net.save_pretrained: transformers writes only on distributed rank 0
+    net.config.save_pretrained(tmp)
+    save_file(net.state_dict(), str(tmp / "model.safetensors"))
     (tmp / "teacher.json").write_text(json.dumps({"steps": steps, "batch": batch, "seed": seed,
                                                   "object_token_accuracy": {"colour": acc[0], "shape": acc[1]}}))
     try:

@@ -90,13 +90,15 @@ def test_muon_matches_torch_muon():
 
 def test_two_processes_match_one(tmp_path):
     """torchrun --nproc_per_node=2 (gloo) vs one process, same global batch: distributed Muon and gradient
-    accumulation (4 micro-batches vs 2 per rank) give the same weights, up to float summation order."""
+    accumulation (4 micro-batches vs 2 per rank) give the same weights, up to float summation order. The two
+    processes start from an empty cache: they share its preparation (captions on one, the teacher on the other)."""
     outs = {}
-    for name, cmd in (("one", [sys.executable, str(HELPER)]),
-                      ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(HELPER)])):
-        r = subprocess.run(cmd + [str(tmp_path / name)], env=env_for(tmp_path), cwd=ROOT, capture_output=True,
-                           text=True, timeout=180, check=False)
+    env = env_for(tmp_path, SPEEDRUN_CACHE=str(tmp_path / "cache"))
+    for name, cmd in (("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(HELPER)]),
+                      ("one", [sys.executable, str(HELPER)])):
+        r = subprocess.run(cmd + [str(tmp_path / name)], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=240, check=False)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert ("accum:4" if name == "one" else "accum:2") in r.stdout
         outs[name] = load_file(str(tmp_path / name / "model.safetensors"))
@@ -109,6 +111,8 @@ def test_two_processes_match_one(tmp_path):
     # float summation order only: measured 2.3e-5 vs 7.5e-3 (with the trained scene teacher, whose batched forward
     # differs at float level, and Muon's lr 3e-3); a wrong reduction (a missing / world, a lost micro-batch) is O(1)
     assert diff < 1e-2 * moved, (diff, moved)
+    teacher = next((tmp_path / "cache").glob("scene-teacher-*"))  # written by a rank other than 1 or not: complete
+    assert {"config.json", "model.safetensors", "teacher.json"} <= {p.name for p in teacher.iterdir()}
     # distributed Muon on 5 + 1 matrices (a rank with no matrix sends zeros): bit-identical to torch.optim.Muon
     params, grads = train_dist_helper.muon_matrices()
     opt = torch.optim.Muon(params, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 import train
 
 # global batch 8, micro-batch 2: one process accumulates 4 micro-batches, each of two processes 2
-TRACK = dataclasses.replace(train.CPU, warmup=2, stages=(
+TRACK = dataclasses.replace(train.CPU, warmup=2, scene_pool=256, stages=(
     train.Stage("repa", 32, 2, 8, 2, 0.0, 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
     train.Stage("sprint", 32, 2, 8, 2, 0.5, 0.0, 0.75, 0.5, (1.0, 0.0), "scenes")))
 
