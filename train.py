@@ -3,13 +3,14 @@ train.py: the staged speedrun trainer for a pixel-space PRX-1.2B text-to-image d
 
     torchrun --standalone --nproc_per_node=auto train.py
 
-Track: "record" (CUDA: one node of 8 x H100 80 GB, 24 h) or "cpu" (the same four stages in miniature, <= 10 min on
-2 cores); default record if CUDA is available, else cpu; SPEEDRUN_TRACK=record|cpu picks one. The file is the
-experiment: every hyperparameter is in the two tables below. Optional env (tests, development, preemption):
+Track: "record" (CUDA: one node of 8 x H100 80 GB, 24 h) or "cpu" (the same four stages in miniature, a budget of
+training FLOPs: ~7 min on 2 cores); default record if CUDA is available, else cpu; SPEEDRUN_TRACK=record|cpu picks
+one. The file is the experiment: every hyperparameter is in the two tables below. Optional env (tests, development,
+preemption):
   SPEEDRUN_OUT          output root (default "."): logs/<run-id>.txt, logs/<run-id>-samples/, checkpoints/<run-id>/
   SPEEDRUN_CACHE        data preparation kept between runs (default <repo>/cache): the CPU track's teacher and text
   SPEEDRUN_RESUME       "latest" or a run id: continue that run from its last checkpoint (exact next sample and step)
-  SPEEDRUN_STEPS_SCALE  multiply every stage's step count (and the warmup) by this factor
+  SPEEDRUN_STEPS_SCALE  multiply every stage's step count (and the warmup, and the FLOP budget) by this factor
   SPEEDRUN_VARIANT      an ablation of the cpu track (VARIANTS: one lever changed); SPEEDRUN_SEED its seed
   SPEEDRUN_RUN_ID, SPEEDRUN_CKPT_EVERY, SPEEDRUN_TIME_CAP_S   override the run id / checkpoint period / wall-clock cap
   SPEEDRUN_KILL_AT      "<step>:TERM" or "<step>:KILL": the process signals itself after that step (fault injection)
@@ -395,9 +396,10 @@ def setup(env=os.environ, track=None):
     run.muon = Muon(run.model.muon_params(), lr=tr.lr, weight_decay=tr.weight_decay, momentum=tr.momentum,
                     rank=run.rank, world=run.world, ns_dtype=getattr(torch, tr.ns_dtype)) if tr.muon else None
     run.teacher_path = tr.teacher_id
-    run.ns_flops = sum(ns_flops(p.shape) for p in run.model.muon_params()) if tr.muon else 0
-    if tr.variant != "baseline":  # an ablation spends the baseline's budget: its main stage takes up the difference
-        run.tr = tr = fit_budget(run, compute_plan(run))
+    run.ns_flops = muon_step_flops(run, tr)
+    if tr.variant != "baseline" and math.isfinite(tr.flop_budget):  # an ablation spends the baseline's compute
+        base = select_track(dict(env, SPEEDRUN_VARIANT="baseline"))
+        run.tr = tr = fit_budget(run, compute_plan(run), sum(compute_plan(run, base)))
     check_budget(run, compute_plan(run))  # before the data preparation's minutes
     if tr.scene_pool:  # the CPU track's data preparation (caption cache, REPA teacher), outside the clock, cached
         repa = [s.res for s in tr.stages if s.repa]
@@ -433,6 +435,11 @@ def repa_sample_flops(run, st) -> float:
                 3 * model.counted_flops(proj, torch.empty(1, n, run.cfg.hidden)))
 
 
+def muon_step_flops(run, tr) -> int:
+    """Muon's Newton-Schulz per step: every hidden matrix once, whatever the world size (each rank does its share)."""
+    return sum(ns_flops(p.shape) for p in run.model.muon_params()) if tr.muon else 0
+
+
 def text_bound(run) -> int:
     """The most text tokens a batch can carry: tr.text_len, else the longest caption of the CPU track's pool."""
     if run.tr.text_len or not run.tr.scene_pool:
@@ -441,24 +448,22 @@ def text_bound(run) -> int:
     return max(len(ids) for ids in run.enc.tok(caps, truncation=True, max_length=run.enc.max_len)["input_ids"])
 
 
-def compute_plan(run) -> list[float]:
+def compute_plan(run, tr=None) -> list[float]:
     """Each stage's training FLOPs, planned before any step: steps x (global batch x (denoiser forward + backward as
     model.train_flops counts them + REPA) + Muon's Newton-Schulz). An upper bound: text at its longest (the step
     lines count each batch's real length). Not counted: the EMA and the optimizers' elementwise updates, the
     stage-end grids and validation loss (no training)."""
-    L = text_bound(run)
+    tr = tr or run.tr
+    L, ns = text_bound(run), muon_step_flops(run, tr)
     return [st.steps * (st.batch * (model.train_flops(run.cfg, st.res, L, st.sprint_drop) +
-                                    (repa_sample_flops(run, st) if st.repa else 0)) + run.ns_flops)
-            for st in run.tr.stages]
+                                    (repa_sample_flops(run, st) if st.repa else 0)) + ns) for st in tr.stages]
 
 
-def fit_budget(run, plan) -> Track:
-    """The track with its main stage (index 1) lengthened or shortened so that the plan spends the budget without
-    exceeding it: every ablation variant trains on the same compute as the baseline."""
-    if not math.isfinite(run.tr.flop_budget):
-        return run.tr
+def fit_budget(run, plan, target) -> Track:
+    """The track with its main stage (index 1) lengthened or shortened so that the plan spends `target` FLOPs (the
+    baseline's plan) without exceeding it: every ablation variant trains on the same compute as the baseline."""
     k, st = 1, run.tr.stages[1]
-    steps = st.steps + math.floor((run.tr.flop_budget - sum(plan)) / (plan[k] / st.steps))
+    steps = st.steps + math.floor((target - sum(plan)) / (plan[k] / st.steps))
     stages = tuple(dataclasses.replace(s, steps=max(1, steps)) if i == k else s for i, s in enumerate(run.tr.stages))
     return dataclasses.replace(run.tr, stages=stages)
 
