@@ -361,6 +361,7 @@ class Run:
     ns_flops: float = 0.0  # Muon's Newton-Schulz FLOPs per step (every matrix once, whatever the world size)
     repa_flops: float = 0.0  # REPA's FLOPs per sample in the current stage (teacher forward, projector fwd + bwd)
     flops: float = 0.0  # training FLOPs so far (the log's running total; the CPU track's budget counts these)
+    text_max: int = 0  # the most text tokens a batch can carry (text_bound): the plan's upper bound
 
 
 def setup(env=os.environ, track=None):
@@ -396,7 +397,7 @@ def setup(env=os.environ, track=None):
     run.muon = Muon(run.model.muon_params(), lr=tr.lr, weight_decay=tr.weight_decay, momentum=tr.momentum,
                     rank=run.rank, world=run.world, ns_dtype=getattr(torch, tr.ns_dtype)) if tr.muon else None
     run.teacher_path = tr.teacher_id
-    run.ns_flops = muon_step_flops(run, tr)
+    run.ns_flops, run.text_max = muon_step_flops(run, tr), text_bound(run)
     if tr.variant != "baseline" and math.isfinite(tr.flop_budget):  # an ablation spends the baseline's compute
         base = select_track(dict(env, SPEEDRUN_VARIANT="baseline"))
         run.tr = tr = fit_budget(run, compute_plan(run), sum(compute_plan(run, base)))
@@ -454,7 +455,7 @@ def compute_plan(run, tr=None) -> list[float]:
     lines count each batch's real length). Not counted: the EMA and the optimizers' elementwise updates, the
     stage-end grids and validation loss (no training)."""
     tr = tr or run.tr
-    L, ns = text_bound(run), muon_step_flops(run, tr)
+    L, ns = run.text_max, muon_step_flops(run, tr)
     return [st.steps * (st.batch * (model.train_flops(run.cfg, st.res, L, st.sprint_drop) +
                                     (repa_sample_flops(run, st) if st.repa else 0)) + ns) for st in tr.stages]
 

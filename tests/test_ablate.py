@@ -152,3 +152,21 @@ def test_short_prompt_check_scores_short_captions_wherever_objects_land(monkeypa
     assert len(asked) == 2 * n
     draw[0] = False
     assert ablate.short_prompt_adherence(None, None) == {"short_held": 0.0, "short_train": 0.0}
+
+
+def test_every_variant_spends_the_baselines_compute(tmp_path):
+    """fit_budget: each variant's main stage takes up the difference, so every cell plans the baseline's FLOPs to
+    within one main step (never more); a cheaper lever (AdamW: no Newton-Schulz) buys more main steps."""
+    env = env_for(tmp_path, SPEEDRUN_STEPS_SCALE="0.2")
+    base = train.setup(env)
+    want = sum(train.compute_plan(base))
+    steps = {}
+    for name in train.VARIANTS:
+        run = train.setup(dict(env, SPEEDRUN_VARIANT=name))
+        plan = train.compute_plan(run)
+        one_step = plan[1] / run.tr.stages[1].steps
+        assert want - one_step < sum(plan) <= want, name
+        assert changed(base.tr, run.tr) - {(1, "steps")} == EXPECTED[name], name
+        steps[name] = run.tr.stages[1].steps
+    assert steps["adamw-only"] > 1.3 * steps["baseline"] and steps["repa-always"] < steps["baseline"]
+    assert steps["bf16-weights"] == steps["long-only"] == steps["baseline"]  # the same cost: nothing to take up
