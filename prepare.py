@@ -194,9 +194,9 @@ def build_cache(source, encoder, out_dir, shard_rows=8192, batch_size=64, kinds=
             order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together
             embs = [None] * len(texts)
             for i in range(0, len(order), batch_size):
-                rows = order[i:i + batch_size]
-                e, m = encoder.encode([texts[r] for r in rows])
-                for j, r in enumerate(rows):
+                part = order[i:i + batch_size]
+                e, m = encoder.encode([texts[r] for r in part])
+                for j, r in enumerate(part):
                     embs[r] = e[j, m[j]].to(torch.bfloat16).cpu()
             offs = torch.tensor([0] + [len(e) for e in embs]).cumsum(0)
             save_file({"emb": torch.cat(embs), "offsets": offs}, str(path) + ".tmp")

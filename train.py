@@ -188,9 +188,10 @@ def select_track(env=os.environ) -> Track:
         tr = apply_variant(tr, variant)
     scale = env_value(env, "SPEEDRUN_STEPS_SCALE", float, "1", minimum=1e-9)
     if scale != 1:
-        tr = dataclasses.replace(tr, warmup=max(1, round(tr.warmup * scale)), flop_budget=tr.flop_budget * scale,
-                                 stages=tuple(dataclasses.replace(s, steps=max(1, round(s.steps * scale)))
-                                              for s in tr.stages))
+        stages = tuple(dataclasses.replace(s, steps=max(1, round(s.steps * scale))) for s in tr.stages)
+        most = max(a.steps / b.steps for a, b in zip(stages, tr.stages))  # the budget scales too (rounding: upwards)
+        tr = dataclasses.replace(tr, warmup=max(1, round(tr.warmup * scale)), flop_budget=tr.flop_budget * most,
+                                 stages=stages)
     ov = {k: env_value(env, v, t, None, minimum=m) for k, v, t, m in (
         ("ckpt_every", "SPEEDRUN_CKPT_EVERY", int, 1), ("time_cap_s", "SPEEDRUN_TIME_CAP_S", float, 0),
         ("seed", "SPEEDRUN_SEED", int, 0)) if env.get(v)}

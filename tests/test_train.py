@@ -297,7 +297,7 @@ def test_cpu_track_end_to_end(reference):
     for name in record.SOURCES:
         assert src[name][0] == data.file_sha256(ROOT / name) and src[name][1] == (ROOT / name).read_text(), name
     for key in ("git:", "dirty:", "data_manifest:scenes:", "python:", "torch:", "world:1", "track:cpu",
-                "trained once on the procedural scenes", "teacher freed", "p_short:0.5", "sprint_drop:0.75",
+                "trained once on the procedural scenes", "teacher freed", "p_short:0.5", "path_drop:0.1",
                 "done: track:cpu",
                 "stall_s:", "checkpoint_written:", "peak: spec"):
         assert key in log, key
