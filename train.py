@@ -401,7 +401,7 @@ def setup(env=os.environ, track=None):
     run.ns_flops, run.text_max = muon_step_flops(run, tr), text_bound(run)
     if tr.variant != "baseline" and math.isfinite(tr.flop_budget):  # an ablation spends the baseline's compute
         base = select_track(dict(env, SPEEDRUN_VARIANT="baseline"))
-        run.tr = tr = fit_budget(run, compute_plan(run), sum(compute_plan(run, base)))
+        run.tr = tr = fit_budget(tr, compute_plan(run), sum(compute_plan(run, base)))
     check_budget(run, compute_plan(run))  # before the data preparation's minutes
     if tr.scene_pool:  # the CPU track's data preparation (caption cache, REPA teacher), outside the clock, cached
         repa = [s.res for s in tr.stages if s.repa]
@@ -461,13 +461,13 @@ def compute_plan(run, tr=None) -> list[float]:
                                     (repa_sample_flops(run, st) if st.repa else 0)) + ns) for st in tr.stages]
 
 
-def fit_budget(run, plan, target) -> Track:
-    """The track with its main stage (index 1) lengthened or shortened so that the plan spends `target` FLOPs (the
+def fit_budget(tr, plan, target) -> Track:
+    """`tr` with its main stage (index 1) lengthened or shortened so that its plan spends `target` FLOPs (the
     baseline's plan) without exceeding it: every ablation variant trains on the same compute as the baseline."""
-    k, st = 1, run.tr.stages[1]
+    k, st = 1, tr.stages[1]
     steps = st.steps + math.floor((target - sum(plan)) / (plan[k] / st.steps))
-    stages = tuple(dataclasses.replace(s, steps=max(1, steps)) if i == k else s for i, s in enumerate(run.tr.stages))
-    return dataclasses.replace(run.tr, stages=stages)
+    stages = tuple(dataclasses.replace(s, steps=max(1, steps)) if i == k else s for i, s in enumerate(tr.stages))
+    return dataclasses.replace(tr, stages=stages)
 
 
 def check_budget(run, plan):

@@ -162,11 +162,14 @@ def test_every_variant_spends_the_baselines_compute(tmp_path):
     want = sum(train.compute_plan(base))
     steps = {}
     for name in train.VARIANTS:
-        run = train.setup(dict(env, SPEEDRUN_VARIANT=name))
-        plan = train.compute_plan(run)
-        one_step = plan[1] / run.tr.stages[1].steps
+        tr = train.select_track(dict(env, SPEEDRUN_VARIANT=name))
+        tr = train.fit_budget(tr, train.compute_plan(base, tr), want)
+        plan = train.compute_plan(base, tr)
+        one_step = plan[1] / tr.stages[1].steps
         assert want - one_step < sum(plan) <= want, name
-        assert changed(base.tr, run.tr) - {(1, "steps")} == EXPECTED[name], name
-        steps[name] = run.tr.stages[1].steps
+        assert changed(base.tr, tr) - {(1, "steps")} == EXPECTED[name], name
+        steps[name] = tr.stages[1].steps
+    run = train.setup(dict(env, SPEEDRUN_VARIANT="adamw-only"))  # setup fits the variant it runs
+    assert run.tr.stages[1].steps == steps["adamw-only"] and run.ns_flops == 0
     assert steps["adamw-only"] > 1.3 * steps["baseline"] and steps["repa-always"] < steps["baseline"]
     assert steps["bf16-weights"] == steps["long-only"] == steps["baseline"]  # the same cost: nothing to take up
