@@ -142,7 +142,7 @@ CPU = Track(
 TRACKS = {"record": RECORD, "cpu": CPU}
 # Ablations in miniature (PRX's table on the CPU track): each variant changes exactly one lever of the CPU track.
 # SPEEDRUN_VARIANT=<name> picks one; `python ablate.py` trains and scores them all. Rows: Track fields, then Stage
-# fields per stage index. Every variant spends the baseline's FLOP budget (fit_budget: the main stage's steps take up
+# fields per stage index. Every variant spends the baseline's planned FLOPs (fit_budget: the main stage's steps take up
 # the difference); sprint-hires trains the record track's SPRINT stage, as many sparse steps as the dense ones cost.
 TINY_CFG = model.PRESETS["tiny"]
 VARIANTS = {
