@@ -5,10 +5,11 @@ ablate.py: PRX's ablation table in miniature, on the CPU track, with a measured 
     python ablate.py --status   # which cells are done
 
 A cell is one variant of train.VARIANTS (one lever of the CPU track changed) with one seed: the README's training
-command (torchrun, all cores) with SPEEDRUN_VARIANT and SPEEDRUN_SEED, then the CPU protocol's evaluation (eval.py,
-N = 1000). The baseline runs 3 seeds, every other variant 2: 17 cells. A finished cell's result (<out>/<cell>.json)
-is never redone; a cell cut off midway resumes its training from the last checkpoint (train.py's exact resume).
-Each cell is also scored on short prompts (outside the frozen protocol), the prompts the mixed fine-tune is for.
+command (torchrun, all cores) with SPEEDRUN_VARIANT and SPEEDRUN_SEED, then the CPU protocol's evaluation (eval.py, N =
+1000). The baseline runs 3 seeds, every other variant 2 (31 cells), each on the baseline's training FLOPs. A finished
+cell's result (<out>/<cell>.json) is never redone; a cell cut off midway resumes its training from the last checkpoint
+(train.py's exact resume). Each cell is also scored on short prompts (outside the frozen protocol), the prompts the
+mixed fine-tune is for.
 """
 
 import argparse
@@ -45,12 +46,20 @@ PRX_EFFECT = {
     "long-only": "no FID published: the mixed fine-tune exists so that short prompts work",
     "sprint-hires": "better: FID 16.90 with SPRINT vs 17.42 dense at 1024 px, and 1.42x the batches/s",
     "bf16-weights": "worse: FID 21.87 with weights stored in bf16 vs 18.20 with FP32 master weights",
+    "tread": "better: FID 14.10 with TREAD vs 17.42 dense at 1024 px, 1.64 vs 1.33 batches/s",
+    "irepa": "mixed: iREPA helped with a DINOv2 teacher, not with DINOv3",
+    "contrastive-fm": "small: modest gains in CMMD / DINO-MMD, FID not improved",
+    "v-pred": "worse (JiT, no PRX number): with 3072 values per token, v-prediction collapses in pixel space",
+    "dino-loss": "no single-lever number: part of PRX Part 3's 24-hour recipe (weight 0.01)",
+    "ema-restart": "no published number: PRX Part 3 kept one EMA (0.999) through its run",
+    "prx-shift": "no published ablation: PRX Part 3 trained and sampled at a fixed shift of 3.0",
 }
 COLUMNS = (("fid", "FID", 1), ("held", "held-out adherence %", 1), ("train", "train-prompt adherence %", 1),
            ("val_loss", "val loss", 4), ("short_held", "short prompts: held-out %", 1),
            ("short_train", "short prompts: train %", 1), ("img_s", "img/s", 1), ("wall_s", "wall s", 0))
 QUALITY = COLUMNS[:6]  # the columns that do not depend on timing: pooled sd and the comparison with the baseline
 SHORT_N = 200  # scenes per split of the short-prompt check
+READING = "## Reading"  # ABLATIONS.md from this heading on is written by hand and kept when the table is rewritten
 
 
 def cells():
@@ -182,6 +191,7 @@ def write_table(results: list[dict], path: Path):
                 diffs.append(f"{m - m0:+.{d}f} ({(m - m0) / se:+.1f})" if se else "–")
             versus.append(f"| {v} | " + " | ".join(diffs) + " |")
     compute_h = sum(r["wall_s"] + r.get("eval_s", 0) for r in results) / 3600
+    kept = path.read_text().partition(READING)[2] if path.exists() else ""  # the reading, written by hand
     path.write_text(
         "# Ablations in miniature (CPU track)\n\n"
         f"`python ablate.py` on the 2-core CPU box: {len(results)} of {len(cells())} cells; their training clocks "
@@ -192,11 +202,12 @@ def write_table(results: list[dict], path: Path):
         f"wherever the object is; outside the frozen protocol; {SHORT_N} scenes each). img/s: images seen / wall_s; "
         "wall clock and img/s compare only between cells trained on an otherwise idle machine, the quality columns "
         "do not depend on timing (every cell trains all its steps). PRX's column gives the direction of its published "
-        "effect; its scale (FID of a 1.2B model on photos) does not transfer. The reading: README.md, \"Ablations "
-        "in miniature\".\n\n" + "\n".join(lines) + "\n\n" + noise + "\n## Against the baseline\n\n"
+        "effect; its scale (FID of a 1.2B model on photos) does not transfer. The reading: at the end.\n\n" +
+        "\n".join(lines) + "\n\n" + noise + "\n## Against the baseline\n\n"
         "Difference of means (variant - baseline) and, in brackets, that difference in standard errors (pooled sd x "
         f"sqrt(1/n + 1/n_baseline)). {(len(versus) - 2) * len(QUALITY)} comparisons: a few beyond 2 standard errors "
-        "are expected by chance alone.\n\n" + "\n".join(versus) + "\n\n## Every cell\n\n" + "\n".join(per_cell) + "\n")
+        "are expected by chance alone.\n\n" + "\n".join(versus) + "\n\n## Every cell\n\n" + "\n".join(per_cell) +
+        "\n\n" + READING + (kept or "\n\n(not written yet)\n"))
     plot(summ, path.with_suffix(".png"))
 
 

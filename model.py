@@ -7,6 +7,7 @@ model.py: the PRX text-to-image denoiser in pixel space, in one file.
   low-rank bottleneck and predicts the clean image x0.
   SPRINT (Park et al. 2025): the middle blocks see 25 % of the tokens; a fusion layer merges the
   sparse deep path with the dense shallow path.
+  TREAD (Krause et al. 2025): a random share of the tokens skips a span of blocks and rejoins after it.
   REPA (Yu et al. 2024): the forward can hand out the hidden states after one block.
 
 Conventions (PRX, SD3, REPA, SPRINT): x_t = (1 - t) x0 + t eps, t = 0 is data; pixels in [-1, 1];
@@ -18,6 +19,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +45,10 @@ class PRXConfig:
     theta: float = 10000.0  # RoPE base
     sparse_start: int = 2  # SPRINT: blocks[sparse_start:sparse_end] form the sparse middle
     sparse_end: int = 14  # 2 dense / 12 sparse / 2 dense, the paper's 2/24/2 split scaled to 16 blocks
+    tread_start: int = 2  # TREAD: routed tokens skip blocks[tread_start:tread_end] (PRX's TREAD.yaml: 2 to 12)
+    tread_end: int = 13
     repa_block: int = 8  # REPA tap: hidden states after this many blocks (PRX: 8 of 16)
+    pred: str = "x"  # the network's output: "x" the clean image (JiT), "v" the velocity (forward converts it to x0)
     rope_grid: int = 0  # 0: RoPE on integer token positions (PRX). g > 0: positions scaled to span a g x g grid at
     # every resolution (position interpolation, as FiT / Lumina-Next): a higher-resolution stage keeps the angles the
     # model learnt instead of meeting unseen ones (the CPU track: too few high-res steps to learn them)
@@ -65,7 +70,7 @@ PRESETS = {
     "prx-1.2b-pixel": PRXConfig(),
     # CPU track and tests: 8 px patches so that 64 px -> 8x8 tokens and 128 px -> 16x16 tokens.
     "tiny": PRXConfig(hidden=128, depth=6, heads=4, patch=8, bottleneck=64, text_dim=384,
-                      sparse_start=1, sparse_end=5, repa_block=3, rope_grid=8),
+                      sparse_start=1, sparse_end=5, tread_start=1, tread_end=5, repa_block=3, rope_grid=8),
 }
 
 # ======================================================================================================================
@@ -121,6 +126,18 @@ def sprint_keep_indices(batch, gh, gw, generator=None, device=None):
     gr, gc = torch.meshgrid(torch.arange(gh // 2, device=device), torch.arange(gw // 2, device=device), indexing="ij")
     rows, cols = 2 * gr + pick // 2, 2 * gc + pick % 2
     return (rows * gw + cols).flatten(1).sort(dim=1).values  # kept tokens in raster order
+
+
+def take(z, idx):
+    """Tokens z [B, N, D] at indices idx [B, Nk] (all of them when idx is None)."""
+    return z if idx is None else z.gather(1, idx[..., None].expand(-1, -1, z.shape[-1]))
+
+
+def tread_keep_indices(batch, n, route, generator=None):
+    """TREAD (Krause et al. 2025): a random share `route` of the n tokens is routed around the span (PRX: 0.5);
+    returns the sorted indices of the tokens that go through it [batch, n - round(n * route)]."""
+    keep = n - min(max(round(n * route), 1), n - 1)
+    return torch.rand(batch, n, generator=generator).argsort(dim=1)[:, :keep].sort(dim=1).values
 
 
 # ======================================================================================================================
@@ -215,14 +232,16 @@ class PRX(nn.Module):
         muon = {id(p) for p in self.muon_params()}
         return [p for p in self.parameters() if id(p) not in muon]
 
-    def forward(self, x, t, txt, txt_mask, keep_idx=None, path_drop=None, skip_middle=False, return_repa=False):
+    def forward(self, x, t, txt, txt_mask, keep_idx=None, path_drop=None, skip_middle=False, return_repa=False,
+                route_idx=None):
         """x [B,3,H,W] noisy pixels, t [B] in [0,1], txt [B,L,text_dim], txt_mask [B,L] bool -> x0_hat [B,3,H,W].
         keep_idx [B, N/4] (from sprint_keep_indices): the middle blocks see only these tokens.
         path_drop [B] bool: those samples get mask tokens instead of the deep output (SPRINT path-drop).
         skip_middle: the middle blocks are not run at all (the weak branch of path-drop guidance).
-        return_repa: also return (hidden states after cfg.repa_block blocks, keep_idx or None)."""
+        route_idx [B, Nk] (from tread_keep_indices): TREAD, only these tokens go through the routed span.
+        return_repa: also return (hidden states after cfg.repa_block blocks, the kept indices there or None)."""
         cfg = self.cfg
-        B, _, Hpx, Wpx = x.shape
+        x_t, (B, _, Hpx, Wpx) = x, x.shape
         gh, gw = Hpx // cfg.patch, Wpx // cfg.patch
         x = self.img_in(patchify(x, cfg.patch))
         pos = grid_positions(gh, gw, x.device)
@@ -245,30 +264,34 @@ class PRX(nn.Module):
                         repa = h
             return h
 
-        s, e = cfg.sparse_start, cfg.sparse_end
+        def sparse(h, idx, lo, hi, base):  # the kept tokens, with their own RoPE angles, scattered back into base
+            sub_ang = ang[0, 0][idx][:, None]
+            out = run(take(h, idx), lo, hi, sub_ang.cos(), sub_ang.sin())
+            return base.scatter(1, idx[..., None].expand_as(out), out)
+
+        assert route_idx is None or keep_idx is None, "TREAD and SPRINT are alternatives"
+        assert route_idx is None or 0 < cfg.tread_start < cfg.tread_end < cfg.depth, "TREAD span outside the blocks"
+        s, e = (cfg.tread_start, cfg.tread_end) if route_idx is not None else (cfg.sparse_start, cfg.sparse_end)
         x = run(x, 0, s, cos, sin)
-        shallow = x
-        mask_tok = self.mask_token.to(x.dtype).expand_as(x)
-        if skip_middle:
-            deep = mask_tok
-        elif keep_idx is None:
-            deep = run(x, s, e, cos, sin)
-        else:  # gather the kept tokens with their own RoPE angles, run the middle, scatter back among mask tokens
-            idx = keep_idx[..., None]
-            sub_ang = ang[0, 0][keep_idx][:, None]  # [B,1,Nk,hd/2]: kept tokens keep their true grid positions
-            h = run(x.gather(1, idx.expand(-1, -1, x.shape[-1])), s, e, sub_ang.cos(), sub_ang.sin())
-            deep = mask_tok.scatter(1, idx.expand(-1, -1, h.shape[-1]), h)
-        if path_drop is not None:
-            deep = torch.where(path_drop[:, None, None], mask_tok, deep)
-        x = self.fuse(torch.cat([deep, shallow], dim=-1))
+        if route_idx is not None:  # TREAD: the routed tokens rejoin unchanged (nothing dropped, no fusion)
+            x = sparse(x, route_idx, s, e, x)
+        else:  # SPRINT: the middle on the kept tokens (or all), mask tokens elsewhere, fused with the shallow path
+            mask_tok = self.mask_token.to(x.dtype).expand_as(x)
+            deep = (mask_tok if skip_middle else run(x, s, e, cos, sin) if keep_idx is None else
+                    sparse(x, keep_idx, s, e, mask_tok))
+            if path_drop is not None:
+                deep = torch.where(path_drop[:, None, None], mask_tok, deep)
+            x = self.fuse(torch.cat([deep, x], dim=-1))
         x = run(x, e, cfg.depth, cos, sin)
         shift, scale = self.final_mod(F.silu(vec))[:, None].chunk(2, dim=-1)
         x = self.final(modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), shift, scale))
         out = unpatchify(x, cfg.patch, Hpx, Wpx)
+        if cfg.pred == "v":  # v-prediction: the same network outputs the velocity; x0 = x_t - t v
+            out = x_t - t.view(-1, 1, 1, 1) * out
         if not return_repa:
             return out
-        in_middle = s < cfg.repa_block <= e
-        return out, repa, (keep_idx if in_middle and keep_idx is not None else None)
+        kept = route_idx if route_idx is not None else keep_idx
+        return out, repa, (kept if s < cfg.repa_block <= e else None)
 
 
 # ======================================================================================================================
@@ -282,21 +305,36 @@ def shift_time(t, a: float):
     return a * t / (1 + (a - 1) * t)
 
 
-def training_time(u: torch.Tensor, z: torch.Tensor, a: float) -> float:
-    """PRX's t of a training sample from uniforms u, normal z: logit-normal N(0, 1), 10 % uniform, shifted."""
+def training_time(u: torch.Tensor, z: torch.Tensor, a: float, fixed: float = 0.0) -> float:
+    """PRX's t of a training sample from uniforms u, normal z: logit-normal N(0, 1), 10 % uniform, shifted by a;
+    fixed > 0: PRX Part 3's fixed shift instead (3.0), its uniform draws left unshifted."""
+    if fixed:
+        return u[1].item() if u[0] < 0.1 else shift_time(torch.sigmoid(z), fixed).item()
     return shift_time(u[1].item() if u[0] < 0.1 else torch.sigmoid(z).item(), a)
 
 
-def flow_matching_loss(model, x0, eps, t, txt, mask, keep_idx=None, path_drop=None, return_repa=False):
+class Loss(NamedTuple):
+    fm: torch.Tensor  # [B] flow-matching loss per sample
+    h: torch.Tensor | None  # REPA hidden states
+    kept: torch.Tensor | None  # SPRINT / TREAD kept indices at the REPA tap
+    x0_hat: torch.Tensor  # the predicted clean image (perceptual losses)
+    contrast: torch.Tensor | None  # [B] the contrastive term (weighted), when asked
+
+
+def flow_matching_loss(model, x0, eps, t, txt, mask, keep_idx=None, path_drop=None, return_repa=False,
+                       route_idx=None, contrastive=0.0) -> Loss:
     """The objective: the net predicts x0 from x_t; the loss is the MSE of the implied velocities (t clipped at
-    0.05 in the division), per sample. Returns (loss [B], REPA hidden states or None, SPRINT kept indices or None)."""
+    0.05 in the division), per sample. contrastive > 0: Contrastive Flow Matching (Stoica et al. 2025) pushes each
+    prediction away from another sample's target, -w * MSE(v_hat, v of the previous sample in the micro-batch)."""
     tb = t.view(-1, 1, 1, 1)
     x_t = (1 - tb) * x0 + tb * eps
-    out = model(x_t, t, txt, mask, keep_idx=keep_idx, path_drop=path_drop, return_repa=return_repa)
+    out = model(x_t, t, txt, mask, keep_idx=keep_idx, path_drop=path_drop, return_repa=return_repa,
+                route_idx=route_idx)
     x0_hat, h, kept = out if return_repa else (out, None, None)
     v_hat = (x_t - x0_hat.float()) / tb.clamp(min=0.05)
     v = (x_t - x0) / tb.clamp(min=0.05)
-    return (v_hat - v).square().mean((1, 2, 3)), h, kept
+    contrast = -contrastive * (v_hat - v.roll(1, 0)).square().mean((1, 2, 3)) if contrastive else None
+    return Loss((v_hat - v).square().mean((1, 2, 3)), h, kept, x0_hat, contrast)
 
 
 T_EPS = 1e-3  # the sampler never evaluates t = 0 (its last step is Euler): this only guards the division
@@ -313,15 +351,21 @@ def sample(model, txt, txt_mask, null_txt, null_mask, noise, steps=50, method="e
     v = (x_t - x0_hat) / t exactly (t = 0 is never evaluated). Guidance acts on x0_hat, which equals guiding v at
     the same (x_t, t): x0 = w + s (c - w), only for t in `interval`. weak="cfg": the weak branch w is the ""
     condition (classifier-free guidance, Ho & Salimans 2022); weak="pdg": "" and the SPRINT middle blocks skipped
-    (path-drop guidance, Park et al. 2025)."""
+    (path-drop guidance, Park et al. 2025); weak="tread": the prompt with TREAD's routing, a fresh random half of the
+    tokens around its span (TREAD's self-guidance, as PRX's Tread(self_guidance=True))."""
     x, b = noise.float(), noise.shape[0]
     null_txt, null_mask = null_txt.expand(b, -1, -1), null_mask.expand(b, -1)
+    g = torch.Generator().manual_seed(0)  # TREAD guidance's routing draws
 
     def velocity(x, t):
         tt = torch.full((b,), t, device=x.device, dtype=torch.float32)
         x0 = model(x, tt, txt, txt_mask).float()
         if cfg_scale != 1.0 and interval[0] <= t <= interval[1]:
-            w = model(x, tt, null_txt, null_mask, skip_middle=weak == "pdg").float()
+            if weak == "tread":
+                n = x.shape[-2] * x.shape[-1] // model.cfg.patch ** 2
+                w = model(x, tt, txt, txt_mask, route_idx=tread_keep_indices(b, n, 0.5, g).to(x.device)).float()
+            else:
+                w = model(x, tt, null_txt, null_mask, skip_middle=weak == "pdg").float()
             x0 = w + cfg_scale * (x0 - w)
         return (x - x0) / max(t, T_EPS)
 
@@ -337,9 +381,8 @@ def sample(model, txt, txt_mask, null_txt, null_mask, noise, steps=50, method="e
 # REPA (Yu et al. 2024), the burn-in's second loss: student tokens aligned to a frozen DINO teacher's
 
 
-@torch.no_grad()
-def teacher_tokens(teacher, x0, grid):
-    """Frozen DINO patch tokens of the clean image, resized so that the teacher's patch grid equals the token grid."""
+def dino_tokens(teacher, x0, grid):
+    """DINO patch tokens of an image in [-1, 1], resized so that the teacher's patch grid equals the token grid."""
     size = grid * teacher.config.patch_size
     x = F.interpolate((x0 + 1) / 2, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, 3, 1, 1)
@@ -348,19 +391,40 @@ def teacher_tokens(teacher, x0, grid):
     return hidden[:, 1 + getattr(teacher.config, "num_register_tokens", 0):]  # drop CLS and registers
 
 
-def repa_loss(projector, h, y, keep_idx=None):
+teacher_tokens = torch.no_grad()(dino_tokens)  # REPA's target: the frozen teacher on the clean image
+
+
+def repa_loss(projector, h, y, keep_idx=None, spatial_norm=False):
     """REPA (Yu et al. 2024): negative cosine between projected student tokens and teacher tokens (per sample);
-    under SPRINT the teacher tokens are gathered at the kept indices."""
-    if keep_idx is not None:
-        y = y.gather(1, keep_idx[..., None].expand(-1, -1, y.shape[-1]))
-    return -F.cosine_similarity(projector(h).float(), y.float(), dim=-1).mean(1)
+    under SPRINT / TREAD the teacher tokens are gathered at the kept indices. iREPA (Singh et al. 2025): a 3x3
+    convolution over the token grid as projector (missing tokens enter it as zeros) and the teacher's tokens
+    normalised over space, (y - 0.8 mean_tokens(y)) / std_tokens(y) (PRX's code: the mean scaled per token instead)."""
+    if spatial_norm:
+        y = (y - 0.8 * y.mean(1, keepdim=True)) / (y.std(1, keepdim=True) + 1e-6)
+    if isinstance(projector, nn.Conv2d):
+        g = math.isqrt(y.shape[1])
+        if keep_idx is not None:
+            h = h.new_zeros(h.shape[0], y.shape[1], h.shape[-1]).scatter(1, keep_idx[..., None].expand_as(h), h)
+        p = take(projector(h.transpose(1, 2).unflatten(2, (g, g))).flatten(2).transpose(1, 2), keep_idx)
+    else:
+        p = projector(h)
+    return -F.cosine_similarity(p.float(), take(y, keep_idx).float(), dim=-1).mean(1)
 
 
-def make_projector(hidden, width, d_teacher, seed):
+def make_projector(hidden, width, d_teacher, seed, conv=False):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if conv:  # iREPA
+            return nn.Conv2d(hidden, d_teacher, 3, padding=1)
         return nn.Sequential(nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
                              nn.Linear(width, d_teacher))
+
+
+def dino_feature_loss(teacher, x0_hat, x0, grid):
+    """PRX Part 3's DINO feature loss: 1 - cosine of the mean-pooled DINO features of the predicted and the real clean
+    image (per sample, at every noise level); gradients reach the denoiser through the frozen teacher."""
+    real = teacher_tokens(teacher, x0, grid).mean(1)
+    return 1 - F.cosine_similarity(dino_tokens(teacher, x0_hat, grid).mean(1).float(), real.float(), dim=-1)
 
 
 # ======================================================================================================================
@@ -404,17 +468,19 @@ def config_from_diffusers(dcfg: dict, **overrides) -> PRXConfig:
 # FLOP accounting (matmuls and attention; what torch.utils.flop_counter counts)
 
 
-def train_flops(cfg: PRXConfig, res: int, txt_len: int = 256, drop_ratio: float = 0.0) -> float:
-    """Forward + backward FLOPs of one training sample at res x res px, counted as torch.utils.flop_counter does:
-    backward = 2x forward for every matmul, 1x for layers whose input needs no gradient (patches, text, timestep
-    features), 2.5x for attention (flash-attention backward recomputes the score matrix)."""
+def train_flops(cfg: PRXConfig, res: int, txt_len: int = 256, drop_ratio: float = 0.0, route: float = 0.0) -> float:
+    """Forward + backward FLOPs of one training sample at res x res px (SPRINT drop_ratio or TREAD route), counted as
+    torch.utils.flop_counter does: backward = 2x forward for every matmul, 1x for layers whose input needs no
+    gradient (patches, text, timestep features), 2.5x for attention (flash-attention backward recomputes scores)."""
     H, M, L, D = cfg.hidden, cfg.mlp_hidden, txt_len, cfg.patch_dim
     N = (res // cfg.patch) ** 2
-    n_sparse = round(N * (1 - drop_ratio))
-    ns = [n_sparse if cfg.sparse_start <= i < cfg.sparse_end else N for i in range(cfg.depth)]
+    lo, hi, ratio = (cfg.tread_start, cfg.tread_end, route) if route else (cfg.sparse_start, cfg.sparse_end, drop_ratio)
+    n_sparse = N - min(max(round(N * route), 1), N - 1) if route else round(N * (1 - drop_ratio))
+    ns = [n_sparse if ratio and lo <= i < hi else N for i in range(cfg.depth)]
     # per block on n image tokens: qkv, proj and MLP on n tokens; text k/v on L tokens; the modulation on one vector
     linear = sum(2 * n * H * (3 * H + H + 3 * M) + 2 * L * H * 2 * H + 2 * H * 6 * H for n in ns)
-    linear += 2 * N * cfg.bottleneck * H + 2 * H * H + 2 * N * 2 * H * H + 2 * H * 2 * H + 2 * N * H * D
+    fuse = 0 if route else 2 * N * 2 * H * H  # SPRINT's fusion layer (TREAD has none)
+    linear += 2 * N * cfg.bottleneck * H + 2 * H * H + fuse + 2 * H * 2 * H + 2 * N * H * D
     attention = sum(4 * n * (L + n) * H for n in ns)  # q.k and p.v over L text + n image keys
     input_layers = 2 * N * D * cfg.bottleneck + 2 * L * cfg.text_dim * H + 2 * 256 * H
     return 3.0 * linear + 3.5 * attention + 2.0 * input_layers

@@ -43,6 +43,7 @@ import checkpoint
 import data
 import eval as evaluation
 import model
+import perceptual
 import prepare
 import record
 import scenes
@@ -66,6 +67,8 @@ class Stage:
     path_drop: float  # SPRINT path-drop probability per sample (keeps path-drop guidance usable at sampling)
     lr_mult: tuple  # LR multiplier at the stage's first and last step, linear in between: (1, 0) is the cooldown
     source: str  # data source (data.SOURCES key)
+    tread: float = 0.0  # TREAD: share of the tokens routed around the blocks cfg.tread_start:tread_end (0 = off)
+    ema_restart: bool = False  # the EMA restarts from the weights at the stage's start (a fine-tune's own average)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,12 @@ class Track:
     text_encoder: str  # data.TextEncoder name or path; "cpu_track" = data.TextEncoder.cpu_track()
     teacher_id: str  # REPA teacher for transformers' from_pretrained; "scenes" = scenes.scene_teacher (CPU, offline)
     shift_base: int  # resolution where the SD3 time shift is 1: a = res / shift_base (sampler uses the same a)
+    shift_fixed: float = 0.0  # > 0: PRX Part 3's fixed shift (3.0), its uniform draws unshifted (model.training_time)
+    pred: str = "x"  # the network's output: "x" (JiT's x-prediction) or "v" (velocity; same network, same loss)
+    irepa: bool = False  # iREPA: a 3x3 conv projector and spatially normalised teacher tokens (model.repa_loss)
+    contrastive: float = 0.0  # Contrastive Flow Matching's weight (PRX: 0.05; model.flow_matching_loss)
+    dino_loss: float = 0.0  # PRX Part 3's DINO feature loss weight (0.01): the REPA teacher on pooled features
+    lpips: float = 0.0  # PRX Part 3's LPIPS weight (0.1; perceptual.py; needs VGG16 from the hub: record track)
     lr: float = 1e-4  # AdamW lr; Muon reuses it through Moonshot's match_rms_adamw scaling
     warmup: int = 1000  # linear LR warmup steps, then constant
     betas: tuple = (0.9, 0.95)  # PRX baseline AdamW
@@ -155,6 +164,13 @@ VARIANTS = {
     "sprint-hires": ({}, {2: {"sprint_drop": 0.75, "path_drop": 0.1, "steps": round(  # ~32 text tokens
         CPU.stages[2].steps * model.train_flops(TINY_CFG, 96, 32) / model.train_flops(TINY_CFG, 96, 32, 0.75))}}),
     "bf16-weights": ({"bf16_weights": True}, {}),  # weights stored in bf16
+    "tread": ({}, {k: {"tread": 0.5} for k in range(4)}),  # TREAD routing (50 % of tokens) in every stage
+    "irepa": ({"irepa": True}, {}),  # iREPA's conv projector and spatial normalisation in the burn-in
+    "contrastive-fm": ({"contrastive": 0.05}, {}),  # Contrastive Flow Matching, PRX's weight
+    "v-pred": ({"pred": "v"}, {}),  # v-prediction instead of JiT's x-prediction
+    "dino-loss": ({"dino_loss": 0.01}, {}),  # PRX Part 3's DINO feature loss (the scene teacher), every stage
+    "ema-restart": ({}, {3: {"ema_restart": True}}),  # the fine-tune's EMA starts from the fine-tune's first weights
+    "prx-shift": ({"shift_fixed": 3.0}, {}),  # PRX's fixed time shift 3.0 instead of the resolution rule
 }
 
 
@@ -296,8 +312,8 @@ def sample_key(seed: int, step: int, index: int) -> int:
 
 
 def draw_samples(run, index, step):
-    """Timesteps, noise, caption/path drops and SPRINT keep indices of one micro-batch, one torch.Generator per sample
-    seeded from its global index: 1, 2, 4 or 8 processes (any micro-batch split) draw the same numbers."""
+    """Timesteps, noise, caption/path drops and SPRINT / TREAD kept indices of one micro-batch, one torch.Generator per
+    sample seeded from its global index: 1, 2, 4 or 8 processes (any micro-batch split) draw the same numbers."""
     st, dev = run.stage, run.device
     gh = st.res // run.cfg.patch
     a = st.res / run.tr.shift_base  # SD3 resolution shift a = sqrt(pixels) ratio
@@ -306,15 +322,16 @@ def draw_samples(run, index, step):
         key = sample_key(run.tr.seed, step, i)
         g = torch.Generator().manual_seed(key)
         u, z = torch.rand(4, generator=g), torch.randn(1, generator=g)
-        t.append(model.training_time(u[:2], z, a))
+        t.append(model.training_time(u[:2], z, a, run.tr.shift_fixed))
         cap.append(bool(u[2] < run.tr.caption_drop))
         pd.append(bool(u[3] < st.path_drop))
-        if st.sprint_drop:
-            keep.append(model.sprint_keep_indices(1, gh, gh, generator=g))
+        if st.sprint_drop or st.tread:
+            keep.append(model.tread_keep_indices(1, gh * gh, st.tread, generator=g) if st.tread else
+                        model.sprint_keep_indices(1, gh, gh, generator=g))
         gd = torch.Generator(dev).manual_seed(key ^ 1)
         eps.append(torch.randn(3, st.res, st.res, generator=gd, device=dev))
     t = torch.tensor(t, device=dev)
-    keep = torch.cat(keep).to(dev) if st.sprint_drop else None
+    keep = torch.cat(keep).to(dev) if keep else None
     path_drop = torch.tensor(pd, device=dev) if st.path_drop else None
     return t, torch.stack(eps), cap, path_drop, keep
 
@@ -355,12 +372,13 @@ class Run:
     accum: int = 1  # micro-batches per step
     teacher: nn.Module | None = None  # the frozen REPA teacher, while REPA is on
     projector: nn.Module | None = None  # the REPA projector (AdamW group "repa"), while REPA is on
+    critics: dict = dataclasses.field(default_factory=dict)  # frozen nets of the perceptual losses: "dino", "lpips"
     t0: float = 0.0  # wall clock at this process's start of training
     elapsed0: float = 0.0  # training clock carried over from the checkpoint resumed
     flags: dict = dataclasses.field(default_factory=dict)  # set by the SIGTERM handler
     writer: checkpoint.Writer | None = None  # the checkpoint write in flight (rank 0 writes)
     ns_flops: float = 0.0  # Muon's Newton-Schulz FLOPs per step (every matrix once, whatever the world size)
-    repa_flops: float = 0.0  # REPA's FLOPs per sample in the current stage (teacher forward, projector fwd + bwd)
+    aux_flops: float = 0.0  # REPA's and the perceptual losses' FLOPs per sample in the current stage (aux_flops)
     flops: float = 0.0  # training FLOPs so far (the log's running total; the CPU track's budget counts these)
     text_max: int = 0  # the most text tokens a batch can carry (text_bound): the plan's upper bound
 
@@ -383,7 +401,7 @@ def setup(env=os.environ, track=None):
         run.peak_measured = model.peak_matmul_flops(run.device)  # this card's bf16 matmul peak, beside the spec's
     run.amp = torch.bfloat16 if cuda else None  # FP32 master weights; bf16 only inside autocast
     run.enc = data.TextEncoder.from_name(run.tr.text_encoder, run.device)
-    run.cfg = dataclasses.replace(model.PRESETS[run.tr.preset], text_dim=run.enc.dim)
+    run.cfg = dataclasses.replace(model.PRESETS[run.tr.preset], text_dim=run.enc.dim, pred=run.tr.pred)
     torch.manual_seed(run.tr.seed)  # every rank builds the same initial weights
     run.model = model.PRX(run.cfg).to(run.device)
     run.ema = model.PRX(run.cfg).to(run.device).eval().requires_grad_(False)  # EMA of the weights, FP32
@@ -411,30 +429,59 @@ def setup(env=os.environ, track=None):
             dist.barrier()
         run.scene_text, teacher = prepare.cpu_track_paths(run.cache, tr.seed, tr.scene_pool, run.enc.name, grid)
         run.teacher_path = str(teacher) if teacher else tr.teacher_id
+    load_critics(run)
     return run
+
+
+def load_critics(run):
+    """The perceptual losses' frozen networks, for the whole run: the REPA teacher's model for the DINO feature loss
+    (PRX: DINOv2-B with registers, as the record track's teacher), LPIPS' VGG16 (perceptual.py)."""
+    from transformers import AutoModel
+    if run.tr.dino_loss:
+        run.critics["dino"] = AutoModel.from_pretrained(run.teacher_path).to(run.device).eval().requires_grad_(False)
+    if run.tr.lpips:
+        if run.rank == 0:  # the lpips wheel's weights, downloaded once into the cache
+            perceptual.fetch_lin_weights(run.cache)
+        if run.world > 1:
+            dist.barrier()
+        run.critics["lpips"] = perceptual.LPIPS.from_pretrained(run.cache / "lpips" / "vgg.pth").to(run.device)
 
 
 # ======================================================================================================================
 # Compute: the FLOPs of training (the CPU track's budget is a number of them; the log keeps the running total)
 
 
-def repa_sample_flops(run, st) -> float:
-    """REPA's FLOPs per training sample: the frozen teacher's forward and the projector's forward + backward (3x),
-    counted by torch.utils.flop_counter on meta tensors (the config only: no weights, no compute)."""
+def aux_flops(run, st, tr=None) -> float:
+    """FLOPs per training sample beside the denoiser: REPA (the frozen teacher's forward, the projector's forward +
+    backward) and the perceptual losses (their networks' forward on both images, backward to the prediction), counted
+    by torch.utils.flop_counter on meta tensors (the config only: no weights, no compute)."""
     from transformers import AutoConfig, AutoModel
+    tr = tr or run.tr
+    if not (st.repa or tr.dino_loss or tr.lpips):
+        return 0.0
     grid = st.res // run.cfg.patch
-    conf = (scenes.teacher_config(grid) if run.tr.teacher_id == "scenes" else
-            AutoConfig.from_pretrained(run.teacher_path))
+    conf = scenes.teacher_config(grid) if tr.teacher_id == "scenes" else AutoConfig.from_pretrained(run.teacher_path)
     conf._attn_implementation = "eager"  # attention as matmuls that the counter sees
-    n = grid * grid  # tokens at the REPA tap: SPRINT's kept ones when the tap is in the sparse middle
-    if st.sprint_drop and run.cfg.sparse_start < run.cfg.repa_block <= run.cfg.sparse_end:
-        n = round(n * (1 - st.sprint_drop))
+    n = grid * grid  # tokens at the REPA tap: SPRINT's / TREAD's kept ones when the tap is in their span
+    lo, hi = (run.cfg.tread_start, run.cfg.tread_end) if st.tread else (run.cfg.sparse_start, run.cfg.sparse_end)
+    if (st.sprint_drop or st.tread) and lo < run.cfg.repa_block <= hi:
+        n = n - min(max(round(n * st.tread), 1), n - 1) if st.tread else round(n * (1 - st.sprint_drop))
+    total = 0
     with torch.device("meta"):
-        teacher = AutoModel.from_config(conf)
-        proj = model.make_projector(run.cfg.hidden, run.tr.projector_width, conf.hidden_size, 0)
-        size = grid * conf.patch_size
-        return (model.counted_flops(teacher, pixel_values=torch.empty(1, 3, size, size)) +
-                3 * model.counted_flops(proj, torch.empty(1, n, run.cfg.hidden)))
+        teacher = AutoModel.from_config(conf).requires_grad_(False)
+        x = torch.empty(1, 3, st.res, st.res, requires_grad=True)
+        if st.repa:
+            proj = model.make_projector(run.cfg.hidden, tr.projector_width, conf.hidden_size, 0, conv=tr.irepa)
+            h = torch.empty(1, run.cfg.hidden, grid, grid) if tr.irepa else torch.empty(1, n, run.cfg.hidden)
+            size = grid * conf.patch_size
+            total += (model.counted_flops(teacher, pixel_values=torch.empty(1, 3, size, size)) +
+                      3 * model.counted_flops(proj, h))
+        if tr.dino_loss:
+            total += model.counted_flops(lambda: model.dino_feature_loss(teacher, x, x.detach(), grid).sum().backward())
+        if tr.lpips:
+            net = perceptual.LPIPS().requires_grad_(False)
+            total += model.counted_flops(lambda: perceptual.lpips_loss(net, x, x.detach()).sum().backward())
+    return total
 
 
 def muon_step_flops(run, tr) -> int:
@@ -453,12 +500,12 @@ def text_bound(run) -> int:
 def compute_plan(run, tr=None) -> list[float]:
     """Each stage's training FLOPs, planned before any step: steps x (global batch x (denoiser forward + backward as
     model.train_flops counts them + REPA) + Muon's Newton-Schulz). An upper bound: text at its longest (the step
-    lines count each batch's real length). Not counted: the EMA and the optimizers' elementwise updates, the
-    stage-end grids and validation loss (no training)."""
+    lines count each batch's real length). Not counted: the EMA and the optimizers' elementwise updates, the losses'
+    elementwise terms (contrastive), the stage-end grids and validation loss (no training)."""
     tr = tr or run.tr
     L, ns = run.text_max, muon_step_flops(run, tr)
-    return [st.steps * (st.batch * (model.train_flops(run.cfg, st.res, L, st.sprint_drop) +
-                                    (repa_sample_flops(run, st) if st.repa else 0)) + ns) for st in tr.stages]
+    return [st.steps * (st.batch * (model.train_flops(run.cfg, st.res, L, st.sprint_drop, st.tread) +
+                                    aux_flops(run, st, tr)) + ns) for st in tr.stages]
 
 
 def fit_budget(tr, plan, target) -> Track:
@@ -480,18 +527,21 @@ def enter_stage(run, k):
     """Switch to stage k: its data loader, and REPA alive only where the stage table says so."""
     st, tr = run.tr.stages[k], run.tr
     run.k, run.stage = k, st
-    run.repa_flops = repa_sample_flops(run, st) if st.repa else 0.0
+    run.aux_flops = aux_flops(run, st)
+    if st.ema_restart and run.step == stage_ends(tr)[k] - st.steps:  # not on a resume inside the stage
+        run.ema.load_state_dict(run.model.state_dict())
+        log(run, "ema: restarted from the weights at the stage's start")
     if st.repa and run.teacher is None:  # REPA burn-in: frozen teacher + trainable projector (AdamW)
         from transformers import AutoModel
         path = run.teacher_path
         run.teacher = AutoModel.from_pretrained(path).to(run.device).eval().requires_grad_(False)
         d_teacher = run.teacher.config.hidden_size
-        run.projector = model.make_projector(run.cfg.hidden, tr.projector_width, d_teacher, tr.seed + 1)
+        run.projector = model.make_projector(run.cfg.hidden, tr.projector_width, d_teacher, tr.seed + 1, tr.irepa)
         run.projector.to(run.device)
         run.adamw.add_param_group({"params": list(run.projector.parameters()), "name": "repa"})
         note = " (trained once on the procedural scenes: scenes.scene_teacher)" if tr.teacher_id == "scenes" else ""
         log(run, f"repa: teacher {path}{note} d_teacher:{run.teacher.config.hidden_size} weight:{st.repa} "
-                 f"block:{run.cfg.repa_block}")
+                 f"block:{run.cfg.repa_block}{' iREPA' if tr.irepa else ''}")
     if not st.repa and run.teacher is not None:  # HASTE: REPA helps early, then constrains; its cost leaves with it
         for p in run.projector.parameters():
             run.adamw.state.pop(p, None)
@@ -594,8 +644,8 @@ def train_step(run):
     st, step = run.stage, run.step
     G = st.batch  # the global batch
     params = list(run.model.parameters()) + (list(run.projector.parameters()) if run.projector else [])
-    fm_sum = repa_sum = served = torch.zeros((), device=run.device)
-    txt_len, flops = 0, 0.0
+    fm_sum = repa_sum = aux_sum = served = torch.zeros((), device=run.device)
+    txt_len, flops, tr = 0, 0.0, run.tr
     for _ in range(run.accum):
         batch = next_batch(run)
         if len(batch["index"]) == 0:  # every row of this micro-batch was bad (skipped and counted by data.py)
@@ -604,24 +654,26 @@ def train_step(run):
         t, eps, drop, path_drop, keep = draw_samples(run, batch["index"], step)
         txt, mask = text_condition(run, batch, drop)
         with torch.autocast(run.device.type, dtype=run.amp or torch.bfloat16, enabled=run.amp is not None):
-            fm, h, kept = model.flow_matching_loss(run.model, x0, eps, t, txt, mask, keep, path_drop, bool(st.repa))
-            loss = fm.sum()
+            out = model.flow_matching_loss(run.model, x0, eps, t, txt, mask, None if st.tread else keep, path_drop,
+                                           bool(st.repa), keep if st.tread else None, tr.contrastive)
+            aux = aux_losses(run, out, x0)
+            loss = out.fm.sum() + aux.sum()
             if st.repa:
                 y = model.teacher_tokens(run.teacher, x0, st.res // run.cfg.patch)
-                rl = model.repa_loss(run.projector, h, y, kept)
+                rl = model.repa_loss(run.projector, out.h, y, out.kept, tr.irepa)
                 loss = loss + st.repa * rl.sum()
                 repa_sum = repa_sum + rl.detach().sum()
         (loss / G).backward()  # sum over the global batch / G = the global mean, whatever the split
-        fm_sum = fm_sum + fm.detach().sum()
-        served = served + len(fm)
+        fm_sum, aux_sum = fm_sum + out.fm.detach().sum(), aux_sum + aux.detach().sum()
+        served = served + len(out.fm)
         txt_len = txt.shape[1]
-        flops += len(fm) * (model.train_flops(run.cfg, st.res, txt_len, st.sprint_drop) + run.repa_flops)
+        flops += len(out.fm) * (model.train_flops(run.cfg, st.res, txt_len, st.sprint_drop, st.tread) + run.aux_flops)
     stop = float(bool(run.flags) or time.time() - run.t0 + run.elapsed0 >= run.tr.time_cap_s)
-    stats = torch.stack([fm_sum, repa_sum, served, torch.tensor(stop, device=run.device)]).double()
+    stats = torch.stack([fm_sum, repa_sum, aux_sum, served, torch.tensor(stop, device=run.device)]).double()
     stats = torch.cat([stats, torch.tensor([flops], dtype=torch.float64, device=run.device)])  # float64: exact sums
     if run.world > 1:
         dist.all_reduce(stats)
-    fm_sum, repa_sum, n, stop, flops = stats.tolist()
+    fm_sum, repa_sum, aux_sum, n, stop, flops = stats.tolist()
     run.flops += flops + run.ns_flops
     n = max(n, 1.0)
     loss = fm_sum / n
@@ -646,7 +698,18 @@ def train_step(run):
     if run.step % run.tr.ema_every == 0:  # EMA of the FP32 weights (the only buffer, the SPRINT mask token, is fixed)
         torch._foreach_lerp_(list(run.ema.parameters()), list(run.model.parameters()), 1 - run.tr.ema)
     return {"loss": loss, "repa": repa if st.repa else None, "lr": lr, "gnorm": gnorm, "stop": stop > 0,
-            "txt_len": txt_len}
+            "txt_len": txt_len, "aux": aux_sum / n if tr.contrastive or run.critics else None}
+
+
+def aux_losses(run, out, x0):
+    """The levers' extra loss terms per sample (weighted): Contrastive Flow Matching's, PRX Part 3's perceptual ones."""
+    aux = out.contrast if out.contrast is not None else torch.zeros_like(out.fm)
+    if "dino" in run.critics:
+        aux = aux + run.tr.dino_loss * model.dino_feature_loss(run.critics["dino"], out.x0_hat, x0,
+                                                               run.stage.res // run.cfg.patch)
+    if "lpips" in run.critics:
+        aux = aux + run.tr.lpips * perceptual.lpips_loss(run.critics["lpips"], out.x0_hat, x0)
+    return aux
 
 
 # ======================================================================================================================
@@ -734,12 +797,13 @@ def write_header(run):
 
 def step_line(run, m, dt):
     st, G = run.stage, run.stage.batch
-    flops = G * model.train_flops(run.cfg, st.res, m["txt_len"], st.sprint_drop)
+    flops = G * model.train_flops(run.cfg, st.res, m["txt_len"], st.sprint_drop, st.tread)
     mfu = flops / (dt * run.world * run.tr.peak_flops)  # against the spec's peak (header line "peak:")
     meas = flops / (dt * run.world * run.peak_measured)  # against this card's measured matmul peak
     mem = (torch.cuda.max_memory_allocated() if run.device.type == "cuda" else
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
     repa = f" repa:{m['repa']:.4f}" if m["repa"] is not None else ""
+    repa += f" aux:{m['aux']:.4f}" if m["aux"] is not None else ""
     seen = sum(s.batch * min(s.steps, max(0, run.step - end + s.steps))  # images trained on so far
                for s, end in zip(run.tr.stages, stage_ends(run.tr)))
     return (f"step:{run.step}/{stage_ends(run.tr)[-1]} stage:{run.k + 1} loss:{m['loss']:.4f}{repa} lr:{m['lr']:.1e} "
@@ -767,8 +831,8 @@ def binned_val_loss(run):
         for i in range(0, len(x0), run.micro):  # micro-batches: the same memory as training
             tt = torch.full((len(x0[i:i + run.micro]),), t, device=run.device)
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp is not None):
-                fm, _, _ = model.flow_matching_loss(run.ema, x0[i:i + run.micro], eps[i:i + run.micro], tt,
-                                                    txt[i:i + run.micro], mask[i:i + run.micro])
+                fm = model.flow_matching_loss(run.ema, x0[i:i + run.micro], eps[i:i + run.micro], tt,
+                                              txt[i:i + run.micro], mask[i:i + run.micro]).fm
             total += fm.sum().item()
         bins[t] = total / len(x0)
     log(run, f"val_loss: stage:{run.k + 1} res:{st.res} " + " ".join(f"t{t}:{v:.4f}" for t, v in bins.items()) +
@@ -779,7 +843,7 @@ def stage_grid(run):
     """Fixed-prompt grid of the EMA weights at the stage's resolution (the sampler of model.py, via eval.py)."""
     path = run.out / "logs" / f"{run.id}-samples" / f"stage{run.k + 1}-{run.stage.name}.png"
     evaluation.sample_grid(run.ema, run.enc, evaluation.grid_prompts(run.tr.name), run.stage.res, str(path),
-                           steps=run.tr.sample_steps, shift=run.stage.res / run.tr.shift_base)
+                           steps=run.tr.sample_steps, shift=run.tr.shift_fixed or run.stage.res / run.tr.shift_base)
     log(run, f"sample_grid:{path}", console=True)
 
 

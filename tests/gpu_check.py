@@ -118,7 +118,7 @@ def bench_stage(net, fwd, cfg, st, micro, opts, teacher, projector, enc, device,
 
     def fwd_bwd():
         with ctx:
-            fm, h, kept = model.flow_matching_loss(fwd, x0, eps, t, txt, mask, keep, path_drop, bool(st.repa))
+            fm, h, kept = model.flow_matching_loss(fwd, x0, eps, t, txt, mask, keep, path_drop, bool(st.repa))[:3]
             loss = fm.mean()
             if st.repa:
                 y = model.teacher_tokens(teacher, x0, gh)

@@ -25,6 +25,13 @@ EXPECTED = {
     "long-only": {(3, "p_short")},
     "sprint-hires": {(2, "sprint_drop"), (2, "path_drop"), (2, "steps")},
     "bf16-weights": {("track", "bf16_weights")},
+    "tread": {(0, "tread"), (1, "tread"), (2, "tread"), (3, "tread")},
+    "irepa": {("track", "irepa")},
+    "contrastive-fm": {("track", "contrastive")},
+    "v-pred": {("track", "pred")},
+    "dino-loss": {("track", "dino_loss")},
+    "ema-restart": {(3, "ema_restart")},
+    "prx-shift": {("track", "shift_fixed")},
 }
 
 
@@ -112,13 +119,17 @@ def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
     assert calls[0] == first[-1] and set(first[:2]).isdisjoint(calls) and done not in calls
     assert calls.count("short") == 1  # only the cell scored before the check, once
     calls.remove("short")
-    assert len(calls) == len(ablate.cells()) - 3 and len(ablate.cells()) == 17
+    assert len(calls) == len(ablate.cells()) - 3 and len(ablate.cells()) == 3 + 2 * (len(train.VARIANTS) - 1) == 31
     assert json.loads((out / f"{ablate.cell_name(*done)}.json").read_text())["short_held"] == 30.0
     table = (tmp_path / "ABLATIONS.md").read_text()
     assert "| baseline | 3 | 101.0 ± 1.0 |" in table  # seeds 0, 1, 2: FID 100, 101, 102
     assert "| baseline-seed2 | 102.0 |" in table
-    assert "(9 degrees of freedom): FID 0.7;" in table  # pooled: (2 + 6 x 0.5) / 9 (no-repa-seed1 has FID 100)
+    assert "(16 degrees of freedom): FID 0.7;" in table  # pooled: (2 + 13 x 0.5) / 16 (no-repa-seed1: FID 100)
     assert (tmp_path / "ABLATIONS.png").stat().st_size > 0
+    assert table.endswith("## Reading\n\n(not written yet)\n")
+    (tmp_path / "ABLATIONS.md").write_text(table.replace("(not written yet)", "What reproduces: ..."))
+    ablate.main(["--out", str(out), "--runs", str(tmp_path / "runs")])  # every cell done: the table is rewritten
+    assert (tmp_path / "ABLATIONS.md").read_text().endswith("## Reading\n\nWhat reproduces: ...\n")  # kept
 
 
 def test_pooled_sd_pools_each_variants_deviations_from_its_own_mean():
@@ -173,3 +184,5 @@ def test_every_variant_spends_the_baselines_compute(tmp_path):
     assert run.tr.stages[1].steps == steps["adamw-only"] and run.ns_flops == 0
     assert steps["adamw-only"] > 1.3 * steps["baseline"] and steps["repa-always"] < steps["baseline"]
     assert steps["bf16-weights"] == steps["long-only"] == steps["baseline"]  # the same cost: nothing to take up
+    assert steps["v-pred"] == steps["contrastive-fm"] == steps["ema-restart"] == steps["baseline"]
+    assert steps["tread"] > steps["baseline"] > steps["dino-loss"]  # TREAD saves compute, the DINO loss costs some

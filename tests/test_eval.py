@@ -160,15 +160,17 @@ def test_dino_mmd_preprocessing_is_prx_bicubic_interpolate_without_crop_or_antia
 # ---------------------------------------------------------------------------------------------- sampler
 class Oracle(torch.nn.Module):
     """Test double: the text embedding carries the true x0 of each sample (zeros for the null condition).
-    skip_middle=True (the PDG weak branch) adds 0.1; `calls` records (t, null?) of each call."""
+    skip_middle=True (the PDG weak branch) adds 0.1, TREAD routing 0.2; `calls` records (t, null?) of each call."""
+    cfg = model.PRXConfig(patch=4)
 
     def __init__(self, damp=0.0):
         super().__init__()
-        self.w, self.damp, self.calls = torch.nn.Parameter(torch.zeros(())), damp, []
+        self.w, self.damp, self.calls, self.routes = torch.nn.Parameter(torch.zeros(())), damp, [], []
 
-    def forward(self, x, t, txt, txt_mask, skip_middle=False):
+    def forward(self, x, t, txt, txt_mask, skip_middle=False, route_idx=None):
         self.calls.append((float(t[0]), not bool(txt_mask.any())))
-        out = (txt[:, 0] * txt_mask[:, :1]).view_as(x) + (0.1 if skip_middle else 0.0)
+        self.routes += [] if route_idx is None else [route_idx]
+        out = (txt[:, 0] * txt_mask[:, :1]).view_as(x) + (0.1 if skip_middle else 0.2 if route_idx is not None else 0)
         return out + self.damp * x * t.view(-1, 1, 1, 1)  # damp > 0: the result depends on the noise
 
 
@@ -209,6 +211,11 @@ def test_guidance_scale_interval_and_pdg():
     torch.testing.assert_close(out, 3.0 * x0, atol=1e-5, rtol=0)
     out = model.sample(Oracle(), txt, mask, null, null_mask, noise, steps=8, cfg_scale=3.0, weak="pdg")  # weak = 0.1
     torch.testing.assert_close(out, 0.1 + 3.0 * (x0 - 0.1), atol=1e-5, rtol=0)
+    m = Oracle()  # TREAD's self-guidance: the weak branch is the prompt itself with half of the tokens routed
+    out = model.sample(m, txt, mask, null, null_mask, noise, steps=8, cfg_scale=3.0, weak="tread")
+    torch.testing.assert_close(out, x0 - 2 * 0.2, atol=1e-5, rtol=0)  # weak = x0 + 0.2
+    assert not any(is_null for _, is_null in m.calls) and len(m.routes) == 8
+    assert all(r.shape == (3, 2) for r in m.routes) and not torch.equal(m.routes[0], m.routes[1])  # 4 tokens, 2 kept
     m = Oracle()
     out = model.sample(m, txt, mask, null, null_mask, noise, steps=8, cfg_scale=3.0, interval=(0.3, 0.8), method="heun")
     torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)  # the last step (t = 1/8) is outside the interval

@@ -10,7 +10,7 @@ import model
 from model import PRX, PRXConfig
 
 CFG = PRXConfig(hidden=64, depth=6, heads=2, patch=8, bottleneck=32, text_dim=24, sparse_start=1, sparse_end=5,
-                repa_block=3)
+                tread_start=1, tread_end=5, repa_block=3)
 
 
 def randomize(m, std=0.05, seed=0):
@@ -252,7 +252,7 @@ def test_repa_tap_returns_block_output_and_kept_indices():
 # FLOPs
 
 
-def _counted_flops(m, res, L, keep):
+def _counted_flops(m, res, L, keep, route=None):
     """torch.utils.flop_counter, with the CPU flash-attention kernel counted like the CUDA ones."""
     aten = torch.ops.aten
     mapping = {
@@ -262,19 +262,20 @@ def _counted_flops(m, res, L, keep):
     }
     x, t, txt, mask = inputs(B=2, res=res, L=L, text_dim=m.cfg.text_dim)
     with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
-        m(x, t, txt, mask, keep_idx=keep).square().mean().backward()
+        m(x, t, txt, mask, keep_idx=keep, route_idx=route).square().mean().backward()
     counts = {str(k) for k in fc.get_flop_counts()["Global"]}
     assert any("attention" in k for k in counts), counts  # attention is counted, not silently missing
     return fc.get_total_flops() / 2
 
 
-@pytest.mark.parametrize("drop", [0.0, 0.75])
-def test_flop_function_matches_flop_counter(drop):
+@pytest.mark.parametrize("drop,route", [(0.0, 0.0), (0.75, 0.0), (0.0, 0.5)])
+def test_flop_function_matches_flop_counter(drop, route):
     m = randomize(PRX(CFG))
     keep = model.sprint_keep_indices(2, 8, 8) if drop else None
-    counted = _counted_flops(m, 64, 12, keep)
-    predicted = model.train_flops(CFG, 64, txt_len=12, drop_ratio=drop)
-    print(f"drop {drop}: counted {counted:.4e}, predicted {predicted:.4e}")
+    routed = model.tread_keep_indices(2, 64, route) if route else None
+    counted = _counted_flops(m, 64, 12, keep, routed)
+    predicted = model.train_flops(CFG, 64, txt_len=12, drop_ratio=drop, route=route)
+    print(f"drop {drop} route {route}: counted {counted:.4e}, predicted {predicted:.4e}")
     assert abs(predicted / counted - 1) < 0.02
 
 
@@ -332,3 +333,112 @@ def test_rope_grid_interpolates_positions_across_resolutions(monkeypatch):
 
 
 model_rope = model.rope_angles
+
+
+# -----------------------------------------------------------------------------
+# Levers: TREAD, v-prediction, contrastive flow matching, PRX's fixed shift, iREPA, the DINO feature loss
+
+
+def test_tread_routed_tokens_skip_the_span_and_rejoin_unchanged():
+    m = randomize(PRX(CFG)).eval()
+    x, t, txt, mask = inputs(res=32)  # 4x4 tokens
+    route = model.tread_keep_indices(2, 16, 0.5, torch.Generator().manual_seed(0))
+    assert route.shape == (2, 8) and all(torch.equal(r, r.unique()) for r in route)  # sorted, distinct
+    assert not torch.equal(route[0], route[1])  # drawn per sample
+    seen = {}
+    hooks = [m.blocks[CFG.tread_start - 1].register_forward_hook(lambda mod, a, out: seen.__setitem__("before", out)),
+             m.blocks[CFG.tread_start].register_forward_pre_hook(lambda mod, a: seen.__setitem__("first", a[0])),
+             m.blocks[CFG.tread_end].register_forward_pre_hook(lambda mod, a: seen.__setitem__("after", a[0]))]
+    with torch.no_grad():
+        m(x, t, txt, mask, route_idx=route)
+    for h in hooks:
+        h.remove()
+    assert seen["first"].shape == (2, 8, 64)  # the span sees the kept half
+    skipped = torch.ones(2, 16, dtype=torch.bool).scatter(1, route, False)
+    torch.testing.assert_close(seen["after"][skipped], seen["before"][skipped], rtol=0, atol=0)  # rejoin unchanged
+    assert (seen["after"][~skipped] - seen["before"][~skipped]).abs().max() > 1e-3  # the kept ones were processed
+
+
+def test_tread_with_every_token_kept_equals_the_dense_model_without_fusion():
+    m = randomize(PRX(CFG)).eval()
+    with torch.no_grad():  # the fusion layer back to its init (identity on the deep half): the dense path is then
+        m.fuse.weight.zero_()  # exactly the blocks in a row, as TREAD's path is
+        m.fuse.weight[:, :64].copy_(torch.eye(64))
+        m.fuse.bias.zero_()
+        x, t, txt, mask = inputs()
+        every = torch.arange(16).repeat(2, 1)
+        torch.testing.assert_close(m(x, t, txt, mask, route_idx=every), m(x, t, txt, mask), rtol=1e-5, atol=1e-6)
+        _, h, kept = m(x, t, txt, mask, route_idx=every[:, ::2], return_repa=True)
+    assert torch.equal(kept, every[:, ::2]) and h.shape == (2, 8, 64)  # the REPA tap (block 3) is inside the span
+
+
+def test_v_prediction_turns_the_same_network_output_into_x0():
+    mx = randomize(PRX(CFG)).eval()
+    mv = PRX(model.replace(CFG, pred="v")).eval()
+    mv.load_state_dict(mx.state_dict())
+    x, t, txt, mask = inputs()
+    with torch.no_grad():
+        raw, x0 = mx(x, t, txt, mask), mv(x, t, txt, mask)
+    torch.testing.assert_close(x0, x - t.view(-1, 1, 1, 1) * raw)
+    x0_true, eps = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    tt = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        loss = model.flow_matching_loss(mv, x0_true, eps, tt, txt, mask).fm
+        xt = (1 - tt.view(-1, 1, 1, 1)) * x0_true + tt.view(-1, 1, 1, 1) * eps
+        raw = mx(xt, tt, txt, mask)  # the same loss space: the network's velocity against eps - x0
+    torch.testing.assert_close(loss, (raw - (eps - x0_true)).square().mean((1, 2, 3)), rtol=1e-4, atol=1e-6)
+
+
+def test_contrastive_term_pushes_away_from_the_previous_samples_target():
+    m = randomize(PRX(CFG)).eval()
+    x0, eps, t = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32), torch.tensor([0.2, 0.5, 0.9])
+    _, _, txt, mask = inputs(B=3)
+    with torch.no_grad():
+        plain = model.flow_matching_loss(m, x0, eps, t, txt, mask)
+        out = model.flow_matching_loss(m, x0, eps, t, txt, mask, contrastive=0.05)
+    assert plain.contrast is None
+    torch.testing.assert_close(out.fm, plain.fm)  # the flow-matching part is unchanged (and logged alone)
+    tb = t.view(-1, 1, 1, 1)
+    v_hat, v = (x0 * 0 + ((1 - tb) * x0 + tb * eps) - out.x0_hat) / tb, eps - x0
+    want = -0.05 * (v_hat - v[[2, 0, 1]]).square().mean((1, 2, 3))
+    torch.testing.assert_close(out.contrast, want, rtol=1e-4, atol=1e-6)
+
+
+def test_fixed_shift_leaves_uniform_draws_unshifted():
+    z = torch.tensor([0.4])
+    assert model.training_time(torch.tensor([0.05, 0.7]), z, 4.0, fixed=3.0) == pytest.approx(0.7)  # uniform
+    assert model.training_time(torch.tensor([0.05, 0.7]), z, 4.0) == pytest.approx(4 * 0.7 / (1 + 3 * 0.7))
+    s = torch.sigmoid(z).item()
+    assert model.training_time(torch.tensor([0.5, 0.7]), z, 4.0, fixed=3.0) == pytest.approx(3 * s / (1 + 2 * s))
+
+
+def test_irepa_conv_projector_and_spatial_normalisation():
+    proj = model.make_projector(8, 16, 6, seed=0, conv=True)
+    h, y = torch.randn(2, 16, 8), torch.randn(2, 16, 6) * 3 + 5
+    grid = proj(h.transpose(1, 2).reshape(2, 8, 4, 4)).flatten(2).transpose(1, 2)
+    yn = (y - 0.8 * y.mean(1, keepdim=True)) / y.std(1, keepdim=True)
+    torch.testing.assert_close(model.repa_loss(proj, h, y, spatial_norm=True),
+                               -torch.nn.functional.cosine_similarity(grid, yn, dim=-1).mean(1), rtol=1e-4, atol=1e-5)
+    assert model.repa_loss(proj, h, y).mean() != model.repa_loss(proj, h, y, spatial_norm=True).mean()
+    keep = model.sprint_keep_indices(2, 4, 4, torch.Generator().manual_seed(0))  # 4 kept tokens per sample
+    kept_h = model.take(h, keep)
+    zeros = torch.zeros_like(h).scatter(1, keep[..., None].expand(-1, -1, 8), kept_h)  # dropped tokens: zeros
+    want = model.take(proj(zeros.transpose(1, 2).reshape(2, 8, 4, 4)).flatten(2).transpose(1, 2), keep)
+    torch.testing.assert_close(model.repa_loss(proj, kept_h, y, keep),
+                               -torch.nn.functional.cosine_similarity(want, model.take(y, keep), dim=-1).mean(1))
+
+
+def test_dino_feature_loss_is_zero_on_the_real_image_and_trains_through_the_frozen_teacher():
+    from transformers import Dinov2Config, Dinov2Model
+    torch.manual_seed(0)
+    teacher = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, patch_size=4, image_size=16)).eval().requires_grad_(False)
+    x0 = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert model.dino_feature_loss(teacher, x0, x0, 4).abs().max() < 1e-6
+    x0_hat = (x0 + 0.5 * torch.randn_like(x0)).requires_grad_()
+    loss = model.dino_feature_loss(teacher, x0_hat, x0, 4)
+    assert (loss > 1e-4).all()
+    loss.sum().backward()
+    assert x0_hat.grad.abs().sum() > 0 and all(p.grad is None for p in teacher.parameters())
+    feats = model.teacher_tokens(teacher, x0_hat.detach(), 4)
+    assert feats.shape == (2, 16, 32) and not feats.requires_grad  # REPA's target: no graph

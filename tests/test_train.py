@@ -191,36 +191,78 @@ def test_stage_transitions(tmp_path, monkeypatch):
     assert train.lr_at(TINY, 0) < train.lr_at(TINY, 1) == TINY.lr  # warmup
 
 
-def test_flops_counted_per_step_and_planned(tmp_path, monkeypatch):
+LEVERS = dataclasses.replace(TINY, irepa=True, dino_loss=0.01, contrastive=0.05, stages=tuple(  # TREAD: all stages
+    dataclasses.replace(s, tread=0.5, sprint_drop=0.0) for s in TINY.stages))
+
+
+@pytest.mark.parametrize("track", [TINY, LEVERS], ids=["baseline", "levers"])
+def test_flops_counted_per_step_and_planned(tmp_path, monkeypatch, track):
     """The running FLOP total grows each step by exactly: per micro-batch, its samples x model.train_flops at its text
-    length, + REPA per sample (the teacher's forward and the projector's fwd + bwd, counted here on the real
-    networks), + Newton-Schulz on every Muon matrix; the plan (text at its longest) bounds each stage from above."""
-    run = make_run(tmp_path)
+    length (SPRINT's or TREAD's), + REPA per sample (the teacher's forward and the projector's fwd + bwd, the conv one
+    of iREPA) and the DINO feature loss (its network's forward on both images, backward to the prediction), counted
+    here on the real networks, + Newton-Schulz on every Muon matrix; the plan (text at its longest) bounds each stage
+    from above."""
+    run = make_run(tmp_path, track)
     lens = []
     text_condition = train.text_condition
     monkeypatch.setattr(train, "text_condition", lambda *a: lens.append(text_condition(*a)) or lens[-1])
     ns = sum(train.ns_flops(p.shape) for p in run.model.muon_params())
     assert run.ns_flops == ns > 0
     plan = train.compute_plan(run)
-    for k, st in enumerate(TINY.stages):
+    for k, st in enumerate(track.stages):
         train.enter_stage(run, k)
-        repa = 0
-        if st.repa:  # the real teacher and projector, with a real backward through the projector
-            grid = st.res // run.cfg.patch
-            x0 = torch.rand(1, 3, st.res, st.res) * 2 - 1
-            run.teacher.set_attn_implementation("eager")  # attention as matmuls the counter sees
-            with FlopCounterMode(display=False) as fc:
+        grid, aux = st.res // run.cfg.patch, 0
+        x0 = torch.rand(1, 3, st.res, st.res) * 2 - 1
+        with FlopCounterMode(display=False) as fc:
+            if st.repa:  # the real teacher and projector, with a real backward through the projector
+                run.teacher.set_attn_implementation("eager")  # attention as matmuls the counter sees
                 model.teacher_tokens(run.teacher, x0, grid)
-                run.projector(torch.randn(1, grid * grid, run.cfg.hidden, requires_grad=True)).sum().backward()
-            repa = fc.get_total_flops()
-            assert repa > 0 and run.repa_flops == repa
+                n = grid * grid // 2 if st.tread else grid * grid  # the tap (block 3) is inside TREAD's span
+                h = torch.randn(1, run.cfg.hidden, grid, grid) if track.irepa else torch.randn(1, n, run.cfg.hidden)
+                run.projector(h.requires_grad_()).sum().backward()
+            if track.dino_loss:
+                run.critics["dino"].set_attn_implementation("eager")
+                x0_hat = x0.clone().requires_grad_()
+                model.dino_feature_loss(run.critics["dino"], x0_hat, x0, grid).sum().backward()
+        aux = fc.get_total_flops()
+        assert run.aux_flops == aux and (aux > 0) == bool(st.repa or track.dino_loss)
         lens.clear()
         before = run.flops
         train.train_step(run)
-        want = sum(len(t) * (model.train_flops(run.cfg, st.res, t.shape[1], st.sprint_drop) + repa) for t, _ in lens)
+        want = sum(len(t) * (model.train_flops(run.cfg, st.res, t.shape[1], st.sprint_drop, st.tread) + aux)
+                   for t, _ in lens)
         assert run.flops - before == want + ns
         assert plan[k] / st.steps >= want + ns  # the plan is an upper bound per step
     assert plan[0] > plan[1]  # REPA is counted in the burn-in's plan
+
+
+def test_levers_train_as_named(tmp_path):
+    """TREAD, iREPA, v-prediction, Contrastive FM, the DINO and LPIPS losses in one run: each is where it says, the
+    auxiliary terms reach the step line, and the fine-tune's EMA restarts at its first step (not on a resume)."""
+    from test_perceptual import random_lpips
+
+    import perceptual
+    track = dataclasses.replace(LEVERS, pred="v", stages=LEVERS.stages[:3] + (
+        dataclasses.replace(LEVERS.stages[3], ema_restart=True),))
+    run = make_run(tmp_path, track)
+    run.tr, run.critics["lpips"] = dataclasses.replace(run.tr, lpips=0.1), random_lpips()  # no VGG16 weights here
+    assert run.cfg.pred == "v" and run.model.cfg.pred == "v" and set(run.critics) == {"dino", "lpips"}
+    ends = train.stage_ends(track)
+    for k in range(4):
+        train.enter_stage(run, k)
+        if k == 0:
+            assert isinstance(run.projector, torch.nn.Conv2d)  # iREPA's projector
+        same = all(torch.equal(p, q) for p, q in zip(run.ema.parameters(), run.model.parameters()))
+        assert same == (k in (0, 3))  # the restart: the fine-tune's average starts from its first weights
+        while run.step < ends[k]:
+            m = train.train_step(run)
+            assert m["aux"] is not None and math.isfinite(m["aux"]) and m["aux"] != 0
+        assert "aux:" in train.step_line(run, m, 0.1)
+    run.step = ends[2] + 1  # a resume inside the fine-tune keeps the EMA it restored
+    ema = [p.clone() for p in run.ema.parameters()]
+    train.enter_stage(run, 3)
+    assert all(torch.equal(p, q) for p, q in zip(run.ema.parameters(), ema))
+    assert isinstance(run.critics["lpips"], perceptual.LPIPS)
 
 
 def test_over_budget_recipe_stops_at_setup(tmp_path):
