@@ -39,10 +39,14 @@ BAD_INPUT = (OSError, ValueError, KeyError, TypeError, SyntaxError, EOFError, pa
 # Sources (one line per dataset) and the held-out rule
 
 
-# Columns of midjourney-v6-llava (id, image, prompt, llava, llava_status) come from public code that reads the
-# dataset, not from its card (the card's viewer was down); alchemist ships a CSV (img_key, url, prompt) whose
-# images are fetched from their URLs. The loader checks every shard's columns and names what is missing.
-# est_gb: ESTIMATES (image count x ~1 MB), not measured: the hub's file listing gives the exact sizes.
+# Columns come from public code that reads each dataset, not from the cards: midjourney-v6-llava (id, image, prompt,
+# llava, llava_status); FLUX-Reason-6M (id, image as {bytes, path}, eight caption_* kinds of which caption_detail,
+# the "generation chain of thought", is the one always present, and caption_original the prompt; 1180 shards
+# fluxdb-*.parquet in four folders, 5,890,279 rows, 823 GB, as a public unpacking script counted them);
+# flux_generated (data/train-*.parquet, 271 shards, image as {bytes, path}, caption "caption_caption", no id column:
+# rows are named <shard>:<row>) from a public pipeline that reads PRX's three sources. alchemist ships a CSV (img_key,
+# url, prompt) whose images are fetched from their URLs. The loader checks every shard's columns and names what is
+# missing. est_gb: ESTIMATES where not counted (image count x ~1 MB); the hub's file listing gives the exact sizes.
 SOURCES = {
     "mj-llava": {"repo": "brivangl/midjourney-v6-llava", "files": ["data/*.parquet"], "image": "image",
                  "long": "llava", "short": "prompt", "id": "id", "status": "llava_status", "rows": 986_000,
@@ -50,8 +54,11 @@ SOURCES = {
     # only the CSV: the hub repository also lists parquet files, which have no image column
     "alchemist": {"repo": "yandex/alchemist", "files": ["*.csv"], "image": "image", "long": "prompt",
                   "short": None, "id": "img_key", "url": "url", "rows": 3_350, "est_gb": 4},
-    # "flux-generated": {"repo": "lehduong/flux_generated", ...},
-    # "flux-reason": {"repo": "LucasFang/FLUX-Reason-6M", ...}
+    "flux-reason": {"repo": "LucasFang/FLUX-Reason-6M", "files": ["*/fluxdb-*.parquet"], "image": "image",
+                    "long": "caption_detail", "short": "caption_original", "id": "id", "rows": 5_890_279,
+                    "est_gb": 823},
+    "flux-generated": {"repo": "lehduong/flux_generated", "files": ["data/train-*.parquet"], "image": "image",
+                       "long": "caption_caption", "short": None, "id": None, "rows": 1_700_000, "est_gb": 1700},
 }
 
 
@@ -382,9 +389,9 @@ class ParquetSource:
 
 
 class MixSource:
-    """Every training row of `a` per epoch plus rows of a small set `b` (e.g. the 3,350 curated Alchemist pairs,
-    repeated as needed) making up a fraction `frac` of the stream, inserted at seeded positions so that a's
-    row-group locality is kept. Rows of b are numbered after a's."""
+    """Every training row of `a` per epoch plus rows of `b`, inserted at seeded positions so that a's row-group
+    locality is kept: b's rows make up a fraction `frac` of the stream (a small set such as the 3,350 curated
+    Alchemist pairs is repeated as needed), or with frac None every row of b once. Rows of b are numbered after a's."""
 
     def __init__(self, a, b, frac):
         for name, src in (("first", a), ("second", b)):
@@ -395,7 +402,7 @@ class MixSource:
         self.b = b
         self.frac = frac
         self.bad = a.bad + b.bad
-        self.n_b = round(frac / (1 - frac) * a.num_rows)
+        self.n_b = b.num_rows if frac is None else round(frac / (1 - frac) * a.num_rows)
         self.num_rows, self.total_rows = a.num_rows + self.n_b, a.total_rows + b.total_rows
         self.fingerprint = hashlib.sha256(f"{a.fingerprint}+{b.fingerprint}@{frac}".encode()).hexdigest()[:16]
 
@@ -409,7 +416,33 @@ class MixSource:
         return self.a.load(row, res) if row < self.a.total_rows else self.b.load(row - self.a.total_rows, res)
 
 
-MIXES = {"sft-mix": ("mj-llava", "alchemist", 0.05)}  # stage 4: 5 % curated pairs (a guess, not tuned)
+# Mixtures (a, b, frac): b makes up `frac` of the stream, or (frac None) each source is read once per epoch, i.e.
+# weighted by its size, as PRX Part 3 trained on its three sources. A part may itself be a mixture.
+MIXES = {
+    "prx-flux": ("flux-reason", "flux-generated", None),
+    "prx-data": ("prx-flux", "mj-llava", None),  # PRX Part 3's 8.6 M images
+    "sft-mix": ("prx-data", "alchemist", 0.05),  # stage 4: 5 % curated pairs (a guess, not tuned)
+}
+
+
+def leaves(name) -> list[str]:
+    """The SOURCES a SOURCES or MIXES name reads, in order (a mixture's first part first)."""
+    return [x for part in MIXES[name][:2] for x in leaves(part)] if name in MIXES else [name]
+
+
+def open_source(name, root=DATA_ROOT, res=None, **kw):
+    """A SOURCES name -> ParquetSource; a MIXES name -> MixSource of its parts (nested as MIXES nests)."""
+    if name in MIXES:
+        a, b, frac = MIXES[name]
+        return MixSource(open_source(a, root, res, **kw), open_source(b, root, res, **kw), frac)
+    return ParquetSource.from_name(name, root, res, **kw)
+
+
+def missing_sources(names, root=None) -> list[str]:
+    """The SOURCES among `names` (and their mixtures' parts) with no parquet shard under root: checked at setup, so
+    that a missing source stops the run in one line before hour 3, not at the stage that reads it."""
+    want = dict.fromkeys(n for name in names for n in leaves(name))
+    return [n for n in want if not any((Path(root or DATA_ROOT) / n).rglob("*.parquet"))]
 
 
 class MixCache:
@@ -425,18 +458,17 @@ class MixCache:
 
 
 def text_cache_dir(source):
-    """Where `python prepare.py --cache` put a source's caption embeddings: a folder, (folder, folder) for a
-    mixture, or None when a part has no cache (the stage then encodes live)."""
-    names = MIXES[source][:2] if source in MIXES else (source,)
-    dirs = tuple(DATA_ROOT / n / "cache" for n in names)
-    if not all((d / "meta.json").exists() for d in dirs):
-        return None
-    return dirs if source in MIXES else dirs[0]
+    """Where `python prepare.py --cache` put a source's caption embeddings: a folder, a (first, second) pair for a
+    mixture (nested as MIXES nests), or None when a part has no cache (the stage then encodes live)."""
+    if source in MIXES:
+        parts = tuple(text_cache_dir(n) for n in MIXES[source][:2])
+        return None if None in parts else parts
+    return DATA_ROOT / source / "cache" if (DATA_ROOT / source / "cache" / "meta.json").exists() else None
 
 
 def open_text_cache(source, cache_dir):
     if isinstance(source, MixSource):
-        return MixCache(TextCache(cache_dir[0], source.a.fingerprint), TextCache(cache_dir[1], source.b.fingerprint),
+        return MixCache(open_text_cache(source.a, cache_dir[0]), open_text_cache(source.b, cache_dir[1]),
                         source.a.total_rows)
     return TextCache(cache_dir, source.fingerprint)
 
@@ -447,7 +479,7 @@ def validation_batch(source, res, n):
     if source == "scenes":
         held = scenes.heldout_scenes(n)
         return torch.stack([scenes.render_scene(s, res) for s in held]), [s.long_caption for s in held]
-    src = ParquetSource.from_name(MIXES[source][0] if source in MIXES else source, DATA_ROOT, split="heldout")
+    src = ParquetSource.from_name(leaves(source)[0], DATA_ROOT, split="heldout")
     rows = [src.load(int(r), res) for r in np.flatnonzero(src.keep)[:n]]  # (image, long, short)
     return (torch.stack([img for img, _, _ in rows]),
             [pick_caption(long, short, False)[0] for _, long, short in rows])
@@ -567,11 +599,8 @@ class Loader:
 def make_loader(source, res, batch_size, rank, world, seed, p_short=0.0, num_workers=0,
                 cache_dir=None):
     """source: scenes.SceneDataset | ParquetSource | MixSource | a SOURCES or MIXES name (DATA_ROOT) | "scenes"."""
-    if isinstance(source, str) and source in MIXES:
-        a, b, frac = MIXES[source]
-        source = MixSource(ParquetSource.from_name(a, DATA_ROOT, res), ParquetSource.from_name(b, DATA_ROOT, res), frac)
-    elif isinstance(source, str):
-        source = scenes.SceneDataset(seed) if source == "scenes" else ParquetSource.from_name(source, DATA_ROOT, res)
+    if isinstance(source, str):
+        source = scenes.SceneDataset(seed) if source == "scenes" else open_source(source, DATA_ROOT, res)
     if cache_dir is not None and source.num_rows is None:
         raise ValueError("the caption cache needs a finite ParquetSource (scenes are encoded live)")
     return Loader(source, res, batch_size, rank, world, seed, p_short, num_workers, cache_dir)

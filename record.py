@@ -55,7 +55,7 @@ def git(*args) -> str:
 
 def data_manifest(tr) -> str:
     """Every source the stages read (a mixture's parts included), each with data.py's hash of it."""
-    names = {s for st in tr.stages for s in (data.MIXES[st.source][:2] if st.source in data.MIXES else (st.source,))}
+    names = {s for st in tr.stages for s in data.leaves(st.source)}
     return ",".join(f"{n}:{data.source_hash(n)}" for n in sorted(names))
 
 

@@ -113,7 +113,8 @@ class Track:
     variant: str = "baseline"  # VARIANTS key (ablations in miniature); set by SPEEDRUN_VARIANT
 
 
-MJ = "mj-llava"  # brivangl/midjourney-v6-llava: llava long captions + the original short prompts
+PRX = "prx-data"  # PRX Part 3's three sources, each read once per epoch (data.MIXES): FLUX-Reason-6M, flux_generated,
+# midjourney-v6-llava, ~8.6 M images: the 133 M images of the stages below are ~15 epochs (PRX: ~13)
 # Step counts from measured throughput (records/gpu-checks/2026-11-26: train.py's loop on one H100, torch 2.11):
 # 273 / 290 / 150 / 71 img/s per GPU in the four stages, less the measured share of reading cached text embeddings
 # (4.4 / 2.9 / 1.6 / 1.1 %). ASSUMED until measured: 8 GPUs scale linearly, the loader keeps up, text comes from
@@ -125,11 +126,11 @@ RECORD = Track(
     shift_base=256,
     stages=(
         #     name        res    steps   batch max_micro p_short repa sprint_drop path_drop lr_mult     source
-        Stage("burn-in",  512,  25_000,  1024, 64,       0.0,    0.5, 0.0,        0.0,      (1.0, 1.0), MJ),
-        Stage("main",     512,  80_000,  1024, 64,       0.0,    0.0, 0.0,        0.0,      (1.0, 1.0), MJ),
-        Stage("high-res", 1024, 40_000,  512,  32,       0.0,    0.0, 0.75,       0.1,      (1.0, 1.0), MJ),
+        Stage("burn-in",  512,  25_000,  1024, 64,       0.0,    0.5, 0.0,        0.0,      (1.0, 1.0), PRX),
+        Stage("main",     512,  80_000,  1024, 64,       0.0,    0.0, 0.0,        0.0,      (1.0, 1.0), PRX),
+        Stage("high-res", 1024, 40_000,  512,  32,       0.0,    0.0, 0.75,       0.1,      (1.0, 1.0), PRX),
         Stage("sft",      1024, 10_000,  512,  16,       0.5,    0.0, 0.0,        0.1,      (1.0, 0.0), "sft-mix"),
-    ))  # sft-mix: mj-llava + 5 % Alchemist (data.MIXES)
+    ))  # sft-mix: prx-data + 5 % Alchemist (data.MIXES)
 # The same four stages in miniature: tiny model (8 px patches, RoPE interpolated to an 8x8 grid), procedural scenes,
 # 64 px (8x8 tokens) then 96 px (12x12). Its budget is compute, not time: flop_budget training FLOPs (compute_plan;
 # ~7 min on a 2-core box); the wall clock is reported, and capped at ~3x that only as a safety net. Why each setting:
@@ -386,6 +387,10 @@ class Run:
 def setup(env=os.environ, track=None):
     run = Run(tr=track or select_track(env), out=Path(env.get("SPEEDRUN_OUT", ".")).resolve(), t0=time.time(),
               cache=Path(env.get("SPEEDRUN_CACHE", HERE / "cache")).resolve())
+    missing = data.missing_sources(sorted({st.source for st in run.tr.stages} - {"scenes"}))
+    if missing:  # now, not at the stage that reads it hours later
+        raise SystemExit(f"train.py: no data for source(s) {', '.join(missing)} under {data.DATA_ROOT}: run "
+                         f"`python prepare.py {' '.join(missing)}` first (README, Data)")
     run.writer = checkpoint.Writer(log=lambda line: log(run, line))
     if "TORCHELASTIC_RUN_ID" in env and sys.platform == "linux":  # a torchrun worker must not outlive its launcher
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM (save, exit) when the parent dies

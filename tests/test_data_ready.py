@@ -80,6 +80,7 @@ def test_single_row_group_shard_is_read_in_bounded_blocks(tmp_path):
 def test_mixture_reads_cached_text_for_both_sources(tmp_path, monkeypatch, capsys):
     rng = np.random.default_rng(2)
     monkeypatch.setattr(data, "DATA_ROOT", tmp_path)
+    monkeypatch.setitem(data.MIXES, "sft-mix", ("mj-llava", "alchemist", 0.05))  # a two-source mixture with a share
     (tmp_path / "mj-llava").mkdir(), (tmp_path / "alchemist").mkdir()
     _shard(tmp_path / "mj-llava" / "a.parquet", _ids(40, heldout=0), rng)
     b_ids = [f"alc-{k}" for k in range(8) if not data.is_heldout(f"alc-{k}")]
@@ -173,3 +174,53 @@ def test_mixture_refuses_a_source_without_usable_rows(tmp_path):
     b = data.ParquetSource(tmp_path / "b", long="prompt", short=None, id="img_key")
     with pytest.raises(ValueError, match=r"second source has no usable rows: .*missing column\(s\) \['image'\]"):
         data.MixSource(data.ParquetSource(tmp_path / "a"), b, 0.05)
+
+
+def _write_source(root, name, n, rng):
+    """A tiny shard with the columns data.SOURCES names for `name` (the public code's columns)."""
+    src = data.SOURCES[name]
+    ids = [f"{name}-{k}" for k in range(n)]
+    cols = {src["image"]: [{"bytes": _jpeg(rng, 40, 40), "path": None} for _ in ids],
+            src["long"]: [f"long {name} {i}" for i in ids]}
+    cols.update({src["short"]: [f"short {i}" for i in ids]} if src["short"] else {})
+    cols.update({src["id"]: ids} if src["id"] else {})
+    folder = root / name / ("Text" if name == "flux-reason" else "data")
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table(cols), folder / "train-00000-of-00001.parquet", row_group_size=8)
+    return sum(not data.is_heldout(i) for i in ids) if src["id"] else None
+
+
+def test_prx_sources_mix_by_size_with_nested_caches(tmp_path, monkeypatch):
+    """The record track's data: FLUX-Reason-6M, flux_generated and midjourney-v6-llava, each read once per epoch (the
+    mixture nests), their caption caches nested alike; a missing source is named at setup, in one line."""
+    rng = np.random.default_rng(6)
+    monkeypatch.setattr(data, "DATA_ROOT", tmp_path)
+    assert data.leaves("sft-mix") == ["flux-reason", "flux-generated", "mj-llava", "alchemist"]
+    assert data.missing_sources(["prx-data"], tmp_path) == ["flux-reason", "flux-generated", "mj-llava"]
+    with pytest.raises(SystemExit, match=r"^train.py: no data for source\(s\) flux-reason, flux-generated, mj-llava, "
+                                         r"alchemist under .*: run `python prepare.py flux-reason flux-generated"):
+        import train
+        train.setup({"SPEEDRUN_TRACK": "record", "SPEEDRUN_OUT": str(tmp_path)}, track=train.RECORD)
+    sizes = {n: _write_source(tmp_path, n, k, rng) for n, k in (("flux-reason", 30), ("flux-generated", 12))}
+    (tmp_path / "mj-llava").mkdir()
+    _shard(tmp_path / "mj-llava" / "a.parquet", _ids(9, heldout=0), rng)
+    assert data.missing_sources(["prx-data"], tmp_path) == []
+    src = data.open_source("prx-data", tmp_path)
+    served = {"flux-reason": sizes["flux-reason"], "flux-generated": 12, "mj-llava": 9}  # no id: none held out
+    assert src.num_rows == sum(served.values())
+    order = src.order(0, 0)
+    assert len(order) == len(set(order.tolist())) == src.num_rows  # every row of every source, once
+    enc = data.TextEncoder.cpu_track()
+    for name in served:
+        prepare.build_cache(data.ParquetSource.from_name(name, tmp_path), enc, tmp_path / name / "cache", batch_size=16)
+    dirs = data.text_cache_dir("prx-data")
+    assert dirs == ((tmp_path / "flux-reason" / "cache", tmp_path / "flux-generated" / "cache"),
+                    tmp_path / "mj-llava" / "cache")
+    batches = _take(data.make_loader("prx-data", 32, 17, 0, 1, seed=0, cache_dir=dirs), 3)
+    caps = [c for b in batches for c in b["caption"]]
+    assert {c.split()[1] for c in caps if c.startswith("long flux")} == {"flux-reason", "flux-generated"}
+    assert any(c.startswith("a long caption of mj-") for c in caps)
+    for b in batches:
+        live, _ = enc.encode(b["caption"])
+        n = b["txt"].shape[1]
+        assert torch.allclose(b["txt"].float(), live[:, :n], rtol=1e-2, atol=1e-3)  # each row's own source's cache
