@@ -14,6 +14,8 @@ preemption):
   SPEEDRUN_VARIANT      an ablation of the cpu track (VARIANTS: one lever changed); SPEEDRUN_SEED its seed
   SPEEDRUN_RUN_ID, SPEEDRUN_CKPT_EVERY, SPEEDRUN_TIME_CAP_S   override the run id / checkpoint period / wall-clock cap
   SPEEDRUN_KILL_AT      "<step>:TERM" or "<step>:KILL": the process signals itself after that step (fault injection)
+  SPEEDRUN_DRY_RUN      a world size (e.g. 32): print each stage's plan at that many GPUs (per-GPU batch, micro-batches,
+                        Muon's share per rank, images, epochs, estimated hours) and exit; no training, no data
 """
 
 import bisect
@@ -115,11 +117,11 @@ class Track:
 
 PRX = "prx-data"  # PRX Part 3's three sources, each read once per epoch (data.MIXES): FLUX-Reason-6M, flux_generated,
 # midjourney-v6-llava, ~8.6 M images: the 133 M images of the stages below are ~15 epochs (PRX: ~13)
-# Step counts from measured throughput (records/gpu-checks/2026-11-26: train.py's loop on one H100, torch 2.11):
-# 273 / 290 / 150 / 71 img/s per GPU in the four stages, less the measured share of reading cached text embeddings
-# (4.4 / 2.9 / 1.6 / 1.1 %). ASSUMED until measured: 8 GPUs scale linearly, the loader keeps up, text comes from
-# the cache. images / (8 x rate) = 3.4 + 10.1 + 4.8 + 2.5 h, + ~10 min of compilation, checkpoints and grids
-# = 21.0 h: 12 % margin to the 24 h cap.
+# The 24 h plan (`SPEEDRUN_DRY_RUN=8 python train.py` prints it; =32 for 4 nodes): step counts from measured
+# throughput (MEASURED_IMG_S: train.py's loop on one H100) in images / (GPUs x rate) = 3.4 + 10.1 + 4.8 + 2.5 h at
+# 8 GPUs, + ~10 min of compilation, checkpoints and grids = 21.0 h: 12 % margin to the 24 h cap (5.2 h at 32 GPUs).
+# ASSUMED until measured: linear scaling over GPUs and nodes, the loader keeps up, text comes from the cache, the
+# three sources decode as fast as mj-llava did.
 RECORD = Track(
     name="record", preset="prx-1.2b-pixel", text_encoder="google/t5gemma-2b-2b-ul2",
     teacher_id="facebook/dinov2-with-registers-base",  # DINOv3 (gated): "facebook/dinov3-vitl16-pretrain-lvd1689m"
@@ -397,6 +399,8 @@ def setup(env=os.environ, track=None):
         if os.getppid() == 1:  # the launcher died before the call above
             os.kill(os.getpid(), signal.SIGTERM)
     run.rank, run.world, local = evaluation.init_distributed(env)
+    for st in run.tr.stages:  # every stage's global batch splits over this world size, or one line now
+        micro_batching(st, run.world)
     cuda = torch.cuda.is_available() and run.tr.name == "record"
     run.device = torch.device("cuda", local) if cuda else torch.device("cpu")
     torch.set_flush_denormal(True)  # CPU: denormal values appearing after some steps slow matmuls up to ~50x
@@ -528,6 +532,19 @@ def check_budget(run, plan):
                          f"budget of {run.tr.flop_budget:.4g} (Track.flop_budget); shorten the stage table")
 
 
+def micro_batching(st, world) -> tuple[int, int]:
+    """(micro-batch, accumulation) per GPU: the fewest micro-batches of at most st.max_micro that split the stage's
+    per-GPU share of its fixed global batch evenly."""
+    per = st.batch // world
+    if st.batch % world:  # checked for every stage at setup
+        raise SystemExit(f"train.py: stage {st.name}'s global batch {st.batch} does not split over {world} processes; "
+                         f"use a world size that divides it (1, 2, 4, 8 nodes of 8 GPUs)")
+    accum = math.ceil(per / st.max_micro)
+    while per % accum:
+        accum += 1
+    return per // accum, accum
+
+
 def enter_stage(run, k):
     """Switch to stage k: its data loader, and REPA alive only where the stage table says so."""
     st, tr = run.tr.stages[k], run.tr
@@ -560,13 +577,7 @@ def enter_stage(run, k):
         sd = run.loader.state_dict()
         log(run, f"data: rows skipped (bad) {sd['skipped']}, long caption missing or failed (short used) "
                  f"{sd['caption_fallbacks']}, shards skipped {sd['bad_files']}")
-    per = st.batch // run.world
-    if st.batch % run.world:
-        raise ValueError(f"global batch {st.batch} is not divisible by world size {run.world}")
-    run.accum = math.ceil(per / st.max_micro)
-    while per % run.accum:
-        run.accum += 1
-    run.micro = per // run.accum
+    run.micro, run.accum = micro_batching(st, run.world)
     cache = data.text_cache_dir(st.source) if st.source != "scenes" else None  # `python prepare.py --cache`
     source = st.source
     if st.source == "scenes" and tr.scene_pool:  # the pool and its caption cache, built in setup
@@ -883,7 +894,44 @@ def train_stage(run, end, bar, kill_at):
     return None
 
 
+# img/s per GPU of train.py's loop in each record stage, measured on one H100 (records/gpu-checks/2026-11-26, torch
+# 2.11), less the measured share of reading cached text: the dry run's time estimates (linear scaling ASSUMED)
+MEASURED_IMG_S = (273 * 0.956, 290 * 0.971, 150 * 0.984, 71 * 0.989)
+
+
+def dry_run(tr, world):
+    """The plan of every stage at `world` GPUs, printed: what changes with the world size, nothing trained."""
+    cfg = model.PRESETS[tr.preset]  # T5Gemma-2B's width
+    with torch.device("meta"):
+        shapes = [tuple(p.shape) for p in model.PRX(cfg).muon_params()]
+    buckets = {sh: shapes.count(sh) for sh in shapes}
+    mine = sum(ns_flops(sh) * math.ceil(n / world) for sh, n in buckets.items())  # the busiest rank's share
+    rows = {n: data.SOURCES[n]["rows"] * (1 - data.HELDOUT_PERMILLE / 1000) for n in data.SOURCES}
+    total_h = 0.0
+    print(f"dry run: track {tr.name}, {world} GPUs, {len(shapes)} Muon matrices in {len(buckets)} shapes; Newton-"
+          f"Schulz on the busiest rank: {mine / sum(ns_flops(sh) for sh in shapes):.0%} of all (1/world = "
+          f"{1 / world:.0%})")
+    for k, st in enumerate(tr.stages):
+        micro, accum = micro_batching(st, world)
+        images = st.steps * st.batch
+        epochs, rate = images / sum(rows[n] for n in data.leaves(st.source)), MEASURED_IMG_S[k]
+        hours = images / (world * rate) / 3600
+        total_h += hours
+        flops = model.train_flops(cfg, st.res, tr.text_len or 32, st.sprint_drop, st.tread)
+        print(f"  stage {k + 1} {st.name} {st.res} px: global batch {st.batch} = {world} x {st.batch // world} "
+              f"(micro {micro} x accum {accum}), {st.steps} steps, {images / 1e6:.1f} M images ({epochs:.1f} epochs "
+              f"of {st.source}), {flops / 1e12:.2f} TFLOP per image, ~{hours:.2f} h at {rate:.0f} img/s per GPU")
+    print(f"  total ~{total_h:.1f} h of training (ESTIMATE: one H100's measured rates x {world}, linear scaling "
+          f"assumed), budget {tr.time_cap_s / 3600:.0f} h")
+    return 0
+
+
 def main(env=os.environ):
+    if env.get("SPEEDRUN_DRY_RUN"):  # the record track's plan at a world size, no training
+        tr = select_track(dict(env, SPEEDRUN_TRACK=env.get("SPEEDRUN_TRACK") or "record"))
+        if tr.name != "record":
+            raise SystemExit("train.py: SPEEDRUN_DRY_RUN plans the record track (its stages at a number of GPUs)")
+        return dry_run(tr, env_value(env, "SPEEDRUN_DRY_RUN", int, "8", minimum=1))
     out, rank = Path(env.get("SPEEDRUN_OUT", ".")).resolve(), int(env.get("RANK", 0))
     rid = checkpoint.resume_id(env) or env.get("SPEEDRUN_RUN_ID")
     lock = checkpoint.lock_run(out, rid, rank) if rid else None  # checked before the minutes of setup

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -88,20 +89,34 @@ def test_muon_matches_torch_muon():
         assert torch.equal(opt.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_match_one(tmp_path):
     """torchrun --nproc_per_node=2 (gloo) vs one process, same global batch: distributed Muon and gradient
     accumulation (4 micro-batches vs 2 per rank) give the same weights, up to float summation order. The two
-    processes start from an empty cache: they share its preparation (captions on one, the teacher on the other)."""
+    processes start from an empty cache: they share its preparation (captions on one, the teacher on the other).
+    Past one node: two "nodes" of one process each, joined by torchrun's c10d rendezvous on the loopback (the
+    multi-node launch of the README), train exactly what one node of two processes trains."""
     outs = {}
     env = env_for(tmp_path, SPEEDRUN_CACHE=str(tmp_path / "cache"))
-    for name, cmd in (("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(HELPER)]),
-                      ("one", [sys.executable, str(HELPER)])):
-        r = subprocess.run(cmd + [str(tmp_path / name)], env=env, cwd=ROOT, capture_output=True,
-                           text=True, timeout=240, check=False)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        assert ("accum:4" if name == "one" else "accum:2") in r.stdout
+    launch = [sys.executable, "-m", "torch.distributed.run"]
+    rdzv = [f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-backend=c10d", "--rdzv-id=nodes", "--nnodes=2",
+            "--nproc-per-node=1"]
+    for name, cmds in (("two", [launch + ["--standalone", "--nproc_per_node=2", str(HELPER)]]),
+                       ("one", [[sys.executable, str(HELPER)]]),
+                       ("nodes", [launch + rdzv + [str(HELPER)]] * 2)):
+        procs = [subprocess.Popen(cmd + [str(tmp_path / name)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for cmd in cmds]
+        for r in procs:
+            stdout, stderr = r.communicate(timeout=240)
+            assert r.returncode == 0, stdout[-3000:] + stderr[-3000:]
+            assert ("accum:4" if name == "one" else "accum:2") in stdout or name == "nodes"
         outs[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    assert all(torch.equal(outs["nodes"][k], outs["two"][k]) for k in outs["two"])  # the same reductions, bit for bit
     import train_dist_helper
     torch.manual_seed(train_dist_helper.TRACK.seed)
     init = model.PRX(dataclasses.replace(model.PRESETS["tiny"], text_dim=384)).state_dict()
@@ -522,3 +537,25 @@ def test_binned_validation_loss_is_deterministic_and_binned(tmp_path):
     assert vals["mean"] == pytest.approx(sum(bins) / len(bins), abs=1e-4)
     images, captions = data.validation_batch("scenes", 32, train.VAL_N)
     assert images.shape == (train.VAL_N, 3, 32, 32) and captions == [s.long_caption for s in scenes.heldout_scenes(32)]
+
+
+def test_dry_run_prints_each_stage_at_a_world_size():
+    """SPEEDRUN_DRY_RUN=<GPUs>: the record track's plan at that world size (per-GPU batch, micro-batches, images,
+    epochs of its data, hours at the measured rates), no training; a world size that does not split a stage's global
+    batch is one line."""
+    for world, per, micro in ((32, 32, 32), (8, 128, 64)):
+        env = dict(env_for("/nonexistent", SPEEDRUN_DRY_RUN=str(world)), SPEEDRUN_TRACK="")  # the default: record
+        r = subprocess.run([sys.executable, str(ROOT / "train.py")], env=env, capture_output=True, text=True,
+                           timeout=60, check=True)
+        lines = r.stdout.splitlines()
+        assert lines[0].startswith(f"dry run: track record, {world} GPUs, 112 Muon matrices in 6 shapes")
+        assert f"stage 1 burn-in 512 px: global batch 1024 = {world} x {per} (micro {micro} x accum {per // micro})" \
+            in lines[1] and "25.6 M images" in lines[1] and "of prx-data" in lines[1]
+        hours = sum(s.steps * s.batch / (world * rate) / 3600 for s, rate in zip(train.RECORD.stages,
+                                                                                  train.MEASURED_IMG_S))
+        assert lines[-1].startswith(f"  total ~{hours:.1f} h of training (ESTIMATE")
+    r = subprocess.run([sys.executable, str(ROOT / "train.py")], env=dict(env, SPEEDRUN_DRY_RUN="24"),
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 1 and r.stderr.strip() == ("train.py: stage burn-in's global batch 1024 does not split over "
+                                                      "24 processes; use a world size that divides it (1, 2, 4, 8 "
+                                                      "nodes of 8 GPUs)")
