@@ -4,7 +4,6 @@ FD-DINOv2 (plus prompt adherence on the CPU track) under a frozen protocol. The 
 
   python eval.py --prompt "a red circle" --ckpt CKPT            # images for your prompts (subcommand `sample`)
   torchrun --nproc_per_node 8 eval.py eval --ckpt CKPT --track record   # metrics under the frozen protocol
-  python eval.py leaderboard                          # regenerate the records tables (records/*/*/metrics.json)
 """
 import argparse
 import hashlib
@@ -414,58 +413,6 @@ def load_checkpoint(ckpt, device="cpu", model_lib=model_lib):
 # CLI
 
 
-# ======================================================================================================================
-# The leaderboard: records/<track>/*/metrics.json -> the tables in README.md and records/README.md
-
-
-def fmt_time(s):
-    return "-" if s is None else f"{s / 3600:.2f} h" if s >= 3600 else f"{s / 60:.1f} min"
-
-
-def fmt(v, digits):
-    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "-"
-
-
-def leaderboard_tables(root="records", prefix="") -> str:
-    """Markdown tables (one per track and protocol version, newest first, numbered by date) from
-    records/<track>/<folder>/metrics.json: results under different protocols are not comparable."""
-    rows, out = {}, []
-    for p in sorted(Path(root).glob("*/*/metrics.json")):
-        m = json.loads(p.read_text())
-        key = (m.get("track", p.parent.parent.name), m.get("protocol_version", 1))
-        rows.setdefault(key, []).append((m, p.parent))
-    head = ("| # | FID | CMMD | DINO-MMD | adherence held-out / train | N | wall clock | training FLOPs | hardware "
-            "| date | description | folder |")
-    for track, version in sorted(rows, key=lambda t: (t[0] != "record", t[0], -t[1])):
-        out += [f"### {track} track, protocol v{version}", "", head, "|---" * 12 + "|"]
-        for k, (m, d) in enumerate(sorted(rows[track, version], key=lambda r: (r[0].get("date", ""), r[1].name)), 1):
-            folder = d.relative_to(Path(root)).as_posix()
-            adh = [(m.get(a) or {}).get("all") for a in ("adherence", "adherence_train")]  # every attribute right
-            adh = " / ".join("-" if a is None else f"{100 * a:.1f} %" for a in adh)
-            flops = f"{m['train_flops']:.3g}" if m.get("train_flops") else "-"  # the CPU track's budget counts these
-            out.append(f"| {k} | {fmt(m.get('fid'), 2)} | {fmt(m.get('cmmd'), 3)} | {fmt(m.get('dino_mmd'), 3)} | "
-                       f"{adh} | {m.get('n', '-')} | "
-                       f"{fmt_time(m.get('wall_clock_s'))} | {flops} | {m.get('hardware', '-')} | "
-                       f"{m.get('date', '-')} | "
-                       f"{m.get('description', '')} | [{folder}]({prefix}{folder}) |")
-        out.append("")
-    return "\n".join(out).strip() or "(no records yet)"
-
-
-def write_leaderboard(root="records", readmes=("README.md", "records/README.md")) -> list[str]:
-    """Rewrites the text between <!-- records:start --> and <!-- records:end --> in each README that has them."""
-    done, marks = [], re.compile(r"<!-- records:start -->.*<!-- records:end -->", re.DOTALL)
-    for path in map(Path, readmes):
-        if not path.exists() or not marks.search(path.read_text()):
-            continue
-        rel = os.path.relpath(Path(root), path.parent)
-        table = leaderboard_tables(root, "" if rel == "." else rel + "/")
-        block = f"<!-- records:start -->\n{table}\n<!-- records:end -->"
-        path.write_text(marks.sub(lambda _, b=block: b, path.read_text()))
-        done.append(str(path))
-    return done
-
-
 def positive_int(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
@@ -490,10 +437,7 @@ def main(argv=None):
     e.add_argument("--num-samples", dest="n", type=positive_int, help="smaller N for quick checks (printed with them)")
     e.add_argument("--clip", help="local CLIP dir (CMMD)")
     e.add_argument("--dino", help="local DINOv2-reg dir (DINO-MMD)")
-    sub.add_parser("leaderboard", help="regenerate the records tables in README.md and records/README.md")
     a = p.parse_args(argv)
-    if a.cmd == "leaderboard":
-        return print("updated:", write_leaderboard())
     if a.cmd == "sample" and not all(t.strip() for t in a.prompt):
         p.error("--prompt is empty: give the text of the image you want")
     local = init_distributed()[2]

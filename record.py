@@ -1,9 +1,11 @@
 """record.py: the record format in one place. A run's log is its record; this file writes its header, reads it back,
-extracts and checks the code it embeds, and makes records/ folders (the leaderboard tables: eval.py).
+extracts and checks the code it embeds, makes records/ folders and the leaderboard tables. It imports the evaluator
+(eval.py) only where it scores a checkpoint (make, verify --ckpt): train.py writes its log header through it.
 
     python record.py make --track cpu --ckpt CKPT --log logs/<run-id>.txt --name NAME  # records/<track>/<date>_NAME
     python record.py verify records/<track>/<date>_<name> [--ckpt CKPT]  # hashes agree; re-evaluate with the ckpt
     python record.py extract records/<track>/<date>_<name> OUT          # the code as run, into OUT, runnable there
+    python record.py leaderboard                                        # the tables in README.md, records/README.md
 
 The log (logs/<run-id>.txt, written by train.py), in order:
     ==== <file> sha256:<hex> ====         then that file's text: every file of SOURCES, the code as run
@@ -32,7 +34,6 @@ from pathlib import Path
 import torch
 
 import data
-import eval as evaluation
 
 HERE = Path(__file__).resolve().parent
 # every file train.py runs (imports), in the order a reader meets them
@@ -98,7 +99,7 @@ def parse_machine(text: str) -> dict | None:
 def describe_machine(m: dict | None) -> str:
     """One line for the leaderboard's hardware column (the evaluating machine for logs without a machine line)."""
     if m is None:
-        return evaluation.environment()["eval_hardware"]
+        return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (the evaluating machine)"
     gpus = f"{len(m['gpus'])}x {m['gpus'][0]}, " if m["gpus"] else ""
     return f"{gpus}{m['cpu']}, {m['cores']} cores ({m['torch_cpu_capability']}: {m['vector']})"
 
@@ -200,7 +201,8 @@ def model_code(log_text: str, trust_recorded_code=False):
     recorded one when the caller trusts it; otherwise one line saying what the opt-in does."""
     want = embedded_sources(log_text).get("model.py", (None, None))[0]
     if want == data.file_sha256(HERE / "model.py"):
-        return evaluation.model_lib
+        import model
+        return model
     if not trust_recorded_code:
         raise SystemExit("record.py: the record's model.py differs from this checkout's; re-evaluating would run the "
                          "submitter's code with your permissions: pass --trust-recorded-code to run it (read it first: "
@@ -218,6 +220,7 @@ def verify(record_dir, ckpt=None, rtol=0.02, trust_recorded_code=False) -> list[
     under this eval.py's protocol and the numbers compared. The model code is this checkout's model.py when the
     recorded one is byte-identical; otherwise the recorded model.py runs only with trust_recorded_code (it is the
     submitter's code, run with your permissions: transformers' trust_remote_code in spirit)."""
+    import eval as evaluation
     d = Path(record_dir)
     if not (d / "metrics.json").is_file():
         raise SystemExit(f"record.py: {d} is not a record folder (no metrics.json); records are under records/<track>/")
@@ -275,6 +278,7 @@ def loss_curve(logs, path):
 
 def make_record(track, ckpt, logs, name, description="", n=None, hardware=None, wall_clock=None, root="records"):
     """records/<track>/<date>_<name>/: the logs, metrics.json, samples.png, loss.png, README.md."""
+    import eval as evaluation
     today = datetime.date.today().isoformat()
     d = Path(root) / track / f"{today}_{name}"
     d.mkdir(parents=True, exist_ok=False)
@@ -303,7 +307,7 @@ def make_record(track, ckpt, logs, name, description="", n=None, hardware=None, 
                    machine=parse_machine(text), protocol=proto, val_loss=parse_val_loss(logs), code_hashes=code,
                    software=evaluation.environment(), ckpt=str(ckpt))
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    fid, wall = evaluation.fmt(metrics["fid"], 2), evaluation.fmt_time(metrics["wall_clock_s"])
+    fid, wall = fmt(metrics["fid"], 2), fmt_time(metrics["wall_clock_s"])
     (d / "README.md").write_text(
         f"# {name}\n\n{description}\n\nTrack {track}: FID {fid} at N={metrics['n']}, protocol "
         f"{metrics['protocol_hash']}; wall clock {wall} on {metrics['hardware']}.\n\n"
@@ -312,13 +316,74 @@ def make_record(track, ckpt, logs, name, description="", n=None, hardware=None, 
     return d
 
 
+# ======================================================================================================================
+# The leaderboard: records/<track>/*/metrics.json -> the tables in README.md and records/README.md
+
+
+def fmt_time(s):
+    return "-" if s is None else f"{s / 3600:.2f} h" if s >= 3600 else f"{s / 60:.1f} min"
+
+
+def fmt(v, digits):
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "-"
+
+
+def one_line(text, width=90):
+    """A description's first sentence, cut to `width` characters (the record's README has the rest)."""
+    first = text.split(". ")[0].strip().rstrip(".")
+    return first if len(first) <= width else first[:width - 1].rstrip() + "…"
+
+
+def leaderboard_tables(root="records", prefix="") -> str:
+    """Markdown tables, one per track and protocol version (results under different protocols do not compare):
+    newest record first, numbered by date (#1 the first), the current record (the newest: a record lands by beating
+    the one before it under the rules of its day, or with a change of the rules) marked."""
+    rows, out = {}, []
+    for p in sorted(Path(root).glob("*/*/metrics.json")):
+        m = json.loads(p.read_text())
+        key = (m.get("track", p.parent.parent.name), m.get("protocol_version", 1))
+        rows.setdefault(key, []).append((m, p.parent))
+    head = ("| # | FID | CMMD | DINO-MMD | adherence held-out / train | N | wall clock | training FLOPs | hardware "
+            "| date | description | folder |")
+    for track, version in sorted(rows, key=lambda t: (t[0] != "record", t[0], -t[1])):
+        out += [f"### {track} track, protocol v{version}", "", head, "|---" * 12 + "|"]
+        dated = sorted(rows[track, version], key=lambda r: (r[0].get("date", ""), r[1].name))
+        for k, (m, d) in reversed(list(enumerate(dated, 1))):
+            folder = d.relative_to(Path(root)).as_posix()
+            adh = [(m.get(a) or {}).get("all") for a in ("adherence", "adherence_train")]  # every attribute right
+            adh = " / ".join("-" if a is None else f"{100 * a:.1f} %" for a in adh)
+            flops = f"{m['train_flops']:.3g}" if m.get("train_flops") else "-"  # the CPU track's budget counts these
+            mark = "**current:** " if k == len(dated) and version == max(v for t, v in rows if t == track) else ""
+            out.append(f"| {k} | {fmt(m.get('fid'), 2)} | {fmt(m.get('cmmd'), 3)} | {fmt(m.get('dino_mmd'), 3)} | "
+                       f"{adh} | {m.get('n', '-')} | {fmt_time(m.get('wall_clock_s'))} | {flops} | "
+                       f"{m.get('hardware', '-')} | {m.get('date', '-')} | {mark}{one_line(m.get('description', ''))} "
+                       f"| [{folder}]({prefix}{folder}) |")
+        out.append("")
+    return "\n".join(out).strip() or "(no records yet)"
+
+
+def write_leaderboard(root="records", readmes=("README.md", "records/README.md")) -> list[str]:
+    """Rewrites the text between <!-- records:start --> and <!-- records:end --> in each README that has them."""
+    done, marks = [], re.compile(r"<!-- records:start -->.*<!-- records:end -->", re.DOTALL)
+    for path in map(Path, readmes):
+        if not path.exists() or not marks.search(path.read_text()):
+            continue
+        rel = os.path.relpath(Path(root), path.parent)
+        table = leaderboard_tables(root, "" if rel == "." else rel + "/")
+        block = f"<!-- records:start -->\n{table}\n<!-- records:end -->"
+        path.write_text(marks.sub(lambda _, b=block: b, path.read_text()))
+        done.append(str(path))
+    return done
+
+
 def main(argv=None):
+    from eval import PROTOCOLS, positive_int
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("make", help="create a records/ folder end to end (evaluates the checkpoint)")
     r.add_argument("--ckpt", required=True)
-    r.add_argument("--track", default="cpu", choices=evaluation.PROTOCOLS)
-    r.add_argument("--num-samples", dest="n", type=evaluation.positive_int, help="smaller N for quick checks")
+    r.add_argument("--track", default="cpu", choices=PROTOCOLS)
+    r.add_argument("--num-samples", dest="n", type=positive_int, help="smaller N for quick checks")
     r.add_argument("--log", action="append", required=True)
     r.add_argument("--name", required=True)
     for k, typ in (("--desc", str), ("--hardware", str), ("--wall-clock", float)):
@@ -332,14 +397,17 @@ def main(argv=None):
     x = sub.add_parser("extract", help="write the code as run (embedded in the log) into a folder")
     x.add_argument("record", help="a records/ folder or a log file")
     x.add_argument("out")
+    sub.add_parser("leaderboard", help="regenerate the records tables in README.md and records/README.md")
     a = p.parse_args(argv)
     if a.cmd == "make":
         print("wrote", make_record(a.track, a.ckpt, a.log, a.name, a.desc or "", a.n, a.hardware, a.wall_clock))
-        print("updated:", evaluation.write_leaderboard())
+        print("updated:", write_leaderboard())
     elif a.cmd == "verify":
         problems = verify(a.record, a.ckpt, trust_recorded_code=a.trust_recorded_code)
         print("\n".join(problems) or "verified")
         sys.exit(1 if problems else 0)
+    elif a.cmd == "leaderboard":
+        print("updated:", write_leaderboard())
     elif a.cmd == "extract":
         print(f"wrote {', '.join(extract(a.record, a.out))} to {a.out}/ (run them there, e.g. `python train.py`)")
 
