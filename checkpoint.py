@@ -6,8 +6,10 @@ the model from it) and state.pt (optimizers, data position, step, clock, RNG). I
 folder, fsynced and renamed: a folder named step-* is always complete; the previous one goes once the new one is
 there. A run holds a lock on its folder; a resume takes the newest readable checkpoint and names any damaged one.
 """
+import dataclasses
 import fcntl
 import json
+import math
 import os
 import pickle
 import shutil
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 
@@ -197,3 +200,49 @@ def resume_id(env):
     if not runs:
         raise SystemExit(f"train.py: SPEEDRUN_RESUME=latest: no run under {root} to resume")
     return runs[-1].name if resume == "latest" else resume
+
+
+# ======================================================================================================================
+# A run's checkpoint: what train.py saves and restores (the run's fields; rank 0 writes)
+
+
+def save(run, why, log):
+    """Checkpoints off the critical path: the trainer stalls only to copy the state to host memory; a thread writes
+    it (Writer). Rank 0 writes: weights are equal on every rank and the optimizer state is replicated."""
+    t = time.perf_counter()
+    run.writer.wait()
+    if run.rank == 0:
+        config = {"model": dataclasses.asdict(run.cfg), "track": run.tr.name, "text_encoder": run.tr.text_encoder,
+                  "step": run.step}
+        state = {"step": run.step, "stage": run.k, "run_id": run.id, "track": run.tr.name, "world": run.world,
+                 "adamw": run.adamw.state_dict(), "muon": run.muon.state_dict() if run.muon else None,
+                 "loader": run.loader.state_dict(), "projector": run.projector.state_dict() if run.projector else None,
+                 "elapsed": time.time() - run.t0 + run.elapsed0, "rng": torch.get_rng_state(), "flops": run.flops}
+        snap = {"model": run.model.state_dict(), "ema": run.ema.state_dict(), "config": config, "state": state}
+        path = run.writer.start(checkpoint_dir(run.out, run.id), run.step, snap)
+        log(run, f"checkpoint:{path} why:{why} stall_s:{time.perf_counter() - t:.2f} (written in the background)")
+    if run.world > 1:
+        dist.barrier()
+
+
+def restore_weights(run, contents: tuple) -> dict:
+    """A resume, first half (before any stage): weights, EMA, step, clock, RNG; returns the rest (restore_stage)."""
+    weights, ema, state = contents
+    run.model.load_state_dict(weights)
+    run.ema.load_state_dict(ema)
+    run.step, run.elapsed0 = state["step"], state["elapsed"]
+    run.flops = state.get("flops", math.nan)  # checkpoints older than the FLOP count: unknown
+    torch.set_rng_state(state["rng"].cpu())
+    return state
+
+
+def restore_stage(run, state: dict):
+    """A resume, second half, once its stage exists (its REPA group): data position, projector, optimizers."""
+    if state["stage"] == run.k:
+        run.loader.load_state_dict(state["loader"])
+    if state["projector"] is not None and run.projector is not None:
+        run.projector.load_state_dict(state["projector"])
+    alive = {g.get("name") for g in run.adamw.param_groups}
+    run.adamw.load_state_dict(matching_groups(state["adamw"], alive))
+    if run.muon:
+        run.muon.load_state_dict(state["muon"])

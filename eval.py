@@ -153,6 +153,30 @@ def sample_grid(model, text_encoder, prompts, res, path, steps=32, cfg_scale=3.0
 # Metric core (float64)
 
 
+VAL_T = (0.1, 0.3, 0.5, 0.7, 0.9)  # t bins of the training log's validation loss
+VAL_N = 32  # held-out images in its fixed batch
+
+
+@torch.no_grad()
+def binned_val_loss(model, images, txt, mask, micro, seed, amp=False) -> dict:
+    """PRX logs a validation loss binned by t: the flow-matching loss on a fixed held-out batch (uint8 images) with
+    fixed noise at fixed t, in micro-batches (the training's memory), so that runs and stages compare with little
+    noise. Returns {t: mean loss}."""
+    dev = txt.device
+    x0 = images.to(dev).float().div(127.5).sub(1)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(dev)
+    bins = {}
+    for t in VAL_T:
+        total = 0.0
+        for i in range(0, len(x0), micro):
+            b = slice(i, i + micro)
+            tt = torch.full((len(x0[b]),), t, device=dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                total += model_lib.flow_matching_loss(model, x0[b], eps[b], tt, txt[b], mask[b]).fm.sum().item()
+        bins[t] = total / len(x0)
+    return bins
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """FID (Heusel et al. 2017): |mu1-mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2); tr sqrt via eigenvalues of S1 S2
     (similar to a PSD matrix, so real and >= 0 up to round-off: clip tiny negative / imaginary parts)."""

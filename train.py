@@ -45,6 +45,7 @@ import checkpoint
 import data
 import eval as evaluation
 import model
+import muon as muon_lib
 import perceptual
 import prepare
 import record
@@ -237,76 +238,6 @@ def lr_at(tr: Track, step: int) -> float:
 
 
 # ======================================================================================================================
-# Muon, distributed (Keller Jordan 2024; modded-nanogpt's sharded Newton-Schulz; Moonshot's lr scaling)
-
-
-def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
-    """Quintic Newton-Schulz orthogonalisation, in bf16 the exact op sequence of torch.optim.Muon (torch 2.9+)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.to(dtype)
-    if G.size(0) > G.size(1):
-        X = X.T
-    X = X.div(X.norm().clamp(min=eps))  # spectral norm <= 1
-    for _ in range(steps):
-        A = X @ X.T
-        X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)
-    return X.T if G.size(0) > G.size(1) else X
-
-
-def ns_flops(shape, steps=5) -> int:
-    """FLOPs of zeropower_via_newtonschulz5 on one matrix: per step X X^T, A A, B X (m <= n after transpose)."""
-    m, n = sorted(shape)
-    return steps * (2 * m * m * n + 2 * m * m * m + 2 * m * m * n)
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon with Moonshot's match_rms_adamw scaling ("Muon is Scalable for LLM Training", Liu et al. 2025):
-    step lr * 0.2 * sqrt(max(rows, cols)), so Muon reuses AdamW's lr and weight decay.
-    Distributed like modded-nanogpt: every rank keeps the momentum of every matrix (an elementwise update, and a
-    checkpoint that any world size can load), but runs Newton-Schulz only on its 1/world share of each same-shape
-    bucket; the bf16 updates are all-gathered. With one process this is exactly
-    torch.optim.Muon(adjust_lr_fn="match_rms_adamw")."""
-
-    def __init__(self, params, lr=1e-4, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5, eps=1e-7,
-                 rank=0, world=1, ns_dtype=torch.bfloat16):
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
-                                      "ns_steps": ns_steps, "eps": eps})
-        self.rank, self.world, self.ns_dtype = rank, world, ns_dtype
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
-            buckets, pending = {}, []
-            for p in group["params"]:  # grads are None on every rank alike (see sync_grads)
-                if p.grad is not None:
-                    buckets.setdefault(tuple(p.shape), []).append(p)
-            for shape, ps in buckets.items():
-                for i in range(0, len(ps), self.world):
-                    chunk, updates = ps[i:i + self.world], []
-                    for p in chunk:  # Nesterov momentum in torch.optim.Muon's lerp form
-                        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                        buf.lerp_(p.grad, 1 - mom)
-                        updates.append(p.grad.lerp(buf, mom) if group["nesterov"] else buf)
-                    if self.rank < len(chunk):
-                        mine = zeropower_via_newtonschulz5(updates[self.rank], group["ns_steps"], group["eps"],
-                                                           self.ns_dtype).contiguous()  # NCCL gathers contiguous
-                    else:  # this rank has no matrix in the last chunk: it sends zeros
-                        mine = ps[0].new_zeros(shape, dtype=self.ns_dtype)
-                    if self.world == 1:
-                        pending.append((chunk, [mine], None))
-                    else:
-                        outs = [torch.empty_like(mine) for _ in range(self.world)]
-                        pending.append((chunk, outs, dist.all_gather(outs, mine, async_op=True)))
-            for chunk, outs, handle in pending:
-                if handle is not None:
-                    handle.wait()
-                for p, o in zip(chunk, outs):
-                    p.mul_(1 - lr * wd)
-                    p.add_(o, alpha=-lr * 0.2 * math.sqrt(max(p.shape[0], p.shape[1])))
-
-
-# ======================================================================================================================
 # World-size invariance: every random draw of a sample comes from (seed, step, global sample index)
 
 
@@ -422,7 +353,7 @@ def setup(env=os.environ, track=None):
     adamw_params = run.model.adamw_params() + ([] if tr.muon else run.model.muon_params())
     run.adamw = torch.optim.AdamW([{"params": adamw_params, "name": "model"}], lr=tr.lr, betas=tr.betas,
                                   eps=tr.adam_eps, weight_decay=tr.weight_decay, fused=cuda or None)
-    run.muon = Muon(run.model.muon_params(), lr=tr.lr, weight_decay=tr.weight_decay, momentum=tr.momentum,
+    run.muon = muon_lib.Muon(run.model.muon_params(), lr=tr.lr, weight_decay=tr.weight_decay, momentum=tr.momentum,
                     rank=run.rank, world=run.world, ns_dtype=getattr(torch, tr.ns_dtype)) if tr.muon else None
     run.teacher_path = tr.teacher_id
     run.ns_flops, run.text_max = muon_step_flops(run, tr), text_bound(run)
@@ -495,7 +426,7 @@ def aux_flops(run, st, tr=None) -> float:
 
 def muon_step_flops(run, tr) -> int:
     """Muon's Newton-Schulz per step: every hidden matrix once, whatever the world size (each rank does its share)."""
-    return sum(ns_flops(p.shape) for p in run.model.muon_params()) if tr.muon else 0
+    return sum(muon_lib.ns_flops(p.shape) for p in run.model.muon_params()) if tr.muon else 0
 
 
 def text_bound(run) -> int:
@@ -729,52 +660,6 @@ def aux_losses(run, out, x0):
 
 
 # ======================================================================================================================
-# Checkpoints: safetensors weights + EMA, torch.save'd state; written to a temp dir, renamed when complete
-
-
-def save_checkpoint(run, why):
-    """Checkpoints off the critical path: the trainer stalls only to copy the state to host memory; a thread writes
-    it (checkpoint.Writer). Rank 0 writes: weights are equal on every rank and the optimizer state is replicated."""
-    t = time.perf_counter()
-    run.writer.wait()
-    if run.rank == 0:
-        config = {"model": dataclasses.asdict(run.cfg), "track": run.tr.name, "text_encoder": run.tr.text_encoder,
-                  "step": run.step}
-        state = {"step": run.step, "stage": run.k, "run_id": run.id, "track": run.tr.name, "world": run.world,
-                 "adamw": run.adamw.state_dict(), "muon": run.muon.state_dict() if run.muon else None,
-                 "loader": run.loader.state_dict(), "projector": run.projector.state_dict() if run.projector else None,
-                 "elapsed": time.time() - run.t0 + run.elapsed0, "rng": torch.get_rng_state(), "flops": run.flops}
-        snap = {"model": run.model.state_dict(), "ema": run.ema.state_dict(), "config": config, "state": state}
-        path = run.writer.start(checkpoint.checkpoint_dir(run.out, run.id), run.step, snap)
-        log(run, f"checkpoint:{path} why:{why} stall_s:{time.perf_counter() - t:.2f} (written in the background)")
-    if run.world > 1:
-        dist.barrier()
-
-
-def restore_weights(run, contents: tuple) -> dict:
-    """A resume, first half (before any stage): weights, EMA, step, clock, RNG; returns the rest (restore_stage)."""
-    weights, ema, state = contents
-    run.model.load_state_dict(weights)
-    run.ema.load_state_dict(ema)
-    run.step, run.elapsed0 = state["step"], state["elapsed"]
-    run.flops = state.get("flops", math.nan)  # checkpoints older than the FLOP count: unknown
-    torch.set_rng_state(state["rng"].cpu())
-    return state
-
-
-def restore_stage(run, state: dict):
-    """A resume, second half, once its stage exists (its REPA group): data position, projector, optimizers."""
-    if state["stage"] == run.k:
-        run.loader.load_state_dict(state["loader"])
-    if state["projector"] is not None and run.projector is not None:
-        run.projector.load_state_dict(state["projector"])
-    alive = {g.get("name") for g in run.adamw.param_groups}
-    run.adamw.load_state_dict(checkpoint.matching_groups(state["adamw"], alive))
-    if run.muon:
-        run.muon.load_state_dict(state["muon"])
-
-
-# ======================================================================================================================
 # Logging: the log is the record (sources + hashes, environment, one greppable line per step)
 
 
@@ -828,29 +713,12 @@ def step_line(run, m, dt):
             f"flops:{run.flops:.4e}")
 
 
-VAL_T = (0.1, 0.3, 0.5, 0.7, 0.9)  # t bins of the validation loss
-VAL_N = 32  # held-out images in its fixed batch
-
-
-@torch.no_grad()
 def binned_val_loss(run):
-    """PRX logs a validation loss binned by t: the EMA weights' flow-matching loss on a fixed held-out batch with
-    fixed noise at fixed t, so that two runs (or two stages) compare with little noise."""
+    """The EMA weights' validation loss binned by t (eval.binned_val_loss) on the stage's held-out batch, logged."""
     st = run.stage
-    images, captions = data.validation_batch(st.source, st.res, VAL_N)
-    x0 = images.to(run.device).float().div(127.5).sub(1)
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(run.tr.seed + 7)).to(run.device)
+    images, captions = data.validation_batch(st.source, st.res, evaluation.VAL_N)
     txt, mask = text_condition(run, {"caption": captions}, [False] * len(captions))
-    bins = {}
-    for t in VAL_T:
-        total = 0.0
-        for i in range(0, len(x0), run.micro):  # micro-batches: the same memory as training
-            tt = torch.full((len(x0[i:i + run.micro]),), t, device=run.device)
-            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp is not None):
-                fm = model.flow_matching_loss(run.ema, x0[i:i + run.micro], eps[i:i + run.micro], tt,
-                                              txt[i:i + run.micro], mask[i:i + run.micro]).fm
-            total += fm.sum().item()
-        bins[t] = total / len(x0)
+    bins = evaluation.binned_val_loss(run.ema, images, txt, mask, run.micro, run.tr.seed + 7, run.amp is not None)
     log(run, f"val_loss: stage:{run.k + 1} res:{st.res} " + " ".join(f"t{t}:{v:.4f}" for t, v in bins.items()) +
         f" mean:{sum(bins.values()) / len(bins):.4f}", console=True)
 
@@ -885,7 +753,7 @@ def train_stage(run, end, bar, kill_at):
         bar.update(1)
         bar.set_postfix_str(line.split(" ", 2)[2][:60])
         if run.step % run.tr.ckpt_every == 0 and run.step < end:
-            save_checkpoint(run, "periodic")
+            checkpoint.save(run, "periodic", log)
         if m["stop"]:
             return "SIGTERM" if run.flags else (f"wall-clock cap {run.tr.time_cap_s:.0f} s reached: the run is "
                                                 f"incomplete and not a valid record")
@@ -905,11 +773,11 @@ def dry_run(tr, world):
     with torch.device("meta"):
         shapes = [tuple(p.shape) for p in model.PRX(cfg).muon_params()]
     buckets = {sh: shapes.count(sh) for sh in shapes}
-    mine = sum(ns_flops(sh) * math.ceil(n / world) for sh, n in buckets.items())  # the busiest rank's share
+    mine = sum(muon_lib.ns_flops(sh) * math.ceil(n / world) for sh, n in buckets.items())  # the busiest rank's share
     rows = {n: data.SOURCES[n]["rows"] * (1 - data.HELDOUT_PERMILLE / 1000) for n in data.SOURCES}
     total_h = 0.0
     print(f"dry run: track {tr.name}, {world} GPUs, {len(shapes)} Muon matrices in {len(buckets)} shapes; Newton-"
-          f"Schulz on the busiest rank: {mine / sum(ns_flops(sh) for sh in shapes):.0%} of all (1/world = "
+          f"Schulz on the busiest rank: {mine / sum(muon_lib.ns_flops(sh) for sh in shapes):.0%} of all (1/world = "
           f"{1 / world:.0%})")
     for k, st in enumerate(tr.stages):
         micro, accum = micro_batching(st, world)
@@ -954,7 +822,7 @@ def main(env=os.environ):
         write_header(run)
     else:
         log(run, f"resume: {record.source_hashes()}")
-        resumed = restore_weights(run, contents)
+        resumed = checkpoint.restore_weights(run, contents)
         log(run, f"resumed from {ckpt} at step:{run.step} elapsed_s:{run.elapsed0:.1f}", console=True)
     signal.signal(signal.SIGTERM, lambda *_: run.flags.update(sigterm=True))  # SIGTERM: save, then exit cleanly
     kill_at = env.get("SPEEDRUN_KILL_AT", "")
@@ -965,7 +833,7 @@ def main(env=os.environ):
     for k in range(stage_at(run.tr, run.step), len(run.tr.stages)):  # the spine: stage by stage
         enter_stage(run, k)
         if resumed is not None:  # the stage a resume continues: its data position, projector and optimizer states
-            restore_stage(run, resumed)
+            checkpoint.restore_stage(run, resumed)
             resumed = None
         try:
             why = train_stage(run, ends[k], bar, kill_at)
@@ -978,10 +846,10 @@ def main(env=os.environ):
             if run.rank == 0:
                 stage_grid(run)
                 binned_val_loss(run)
-            save_checkpoint(run, f"end of stage {k + 1}")
+            checkpoint.save(run, f"end of stage {k + 1}", log)
             maybe_kill(run, kill_at)
         if why and run.step < total:
-            save_checkpoint(run, why)
+            checkpoint.save(run, why, log)
             log(run, f"STOP: {why}; saved at step {run.step}; resume with SPEEDRUN_RESUME={run.id}", console=True)
             code = 0 if run.flags else 3  # SIGTERM (preemption) is an expected stop; the cap is not
             break

@@ -40,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model
+import muon
 import train
 
 
@@ -53,7 +54,7 @@ def muon_cost_model(cfg, stages, worlds=(1, 8), txt_len=256):
         buckets[s] = buckets.get(s, 0) + 1
     rows = []
     for w in worlds:
-        ns = sum(math.ceil(n / w) * train.ns_flops(s) for s, n in buckets.items())
+        ns = sum(math.ceil(n / w) * muon.ns_flops(s) for s, n in buckets.items())
         for st in stages:
             fwd_bwd = st.batch * model.train_flops(cfg, st.res, txt_len, st.sprint_drop) / w
             rows.append((w, st.name, ns, fwd_bwd, ns / (ns + fwd_bwd)))
@@ -415,7 +416,7 @@ def main(argv=None):
     projector = model.make_projector(cfg.hidden, track.projector_width, teacher.config.hidden_size, 0).to(device)
     adamw = torch.optim.AdamW(net.adamw_params() + list(projector.parameters()), lr=track.lr, betas=track.betas,
                               eps=track.adam_eps, fused=not cpu or None)
-    opts = (adamw, train.Muon(net.muon_params(), lr=track.lr, momentum=track.momentum))
+    opts = (adamw, muon.Muon(net.muon_params(), lr=track.lr, momentum=track.momentum))
     enc = build_text_encoder(device, torch.bfloat16 if not cpu else torch.float32, cpu)
     rows = []
     for st in track.stages:

@@ -5,6 +5,7 @@ import dataclasses
 import gpu_check
 
 import model
+import muon
 import train
 
 
@@ -29,11 +30,11 @@ def test_gpu_check_runs_on_cpu(capsys, tmp_path):
 
 
 def test_newton_schulz_flops_and_muon_cost_model():
-    assert train.ns_flops((6, 4)) == 5 * (2 * 16 * 6 + 2 * 64 + 2 * 16 * 6)  # transposed: m=4, n=6
+    assert muon.ns_flops((6, 4)) == 5 * (2 * 16 * 6 + 2 * 64 + 2 * 16 * 6)  # transposed: m=4, n=6
     cfg = model.PRESETS["tiny"]
     st = dataclasses.replace(train.CPU.stages[0], batch=8)
     one, eight = gpu_check.muon_cost_model(cfg, [st], worlds=(1, 8))
-    n_ns = sum(train.ns_flops(p.shape) for p in model.PRX(cfg).muon_params())
+    n_ns = sum(muon.ns_flops(p.shape) for p in model.PRX(cfg).muon_params())
     assert one[2] == n_ns and one[3] == 8 * model.train_flops(cfg, st.res, 256, st.sprint_drop)
     # tiny: 6 blocks -> 6 matrices of each shape: 8 ranks leave every rank at most one per shape
     assert eight[2] == n_ns / 6 and eight[3] == one[3] / 8

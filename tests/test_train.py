@@ -23,6 +23,7 @@ import checkpoint
 import data
 import eval as evaluation
 import model
+import muon
 import record
 import scenes
 import train
@@ -73,7 +74,7 @@ def test_muon_matches_torch_muon():
     shapes = [(48, 16), (16, 48), (32, 32), (48, 16)]
     ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    opt = train.Muon(ours, lr=0.02, weight_decay=0.1, momentum=0.95)
+    opt = muon.Muon(ours, lr=0.02, weight_decay=0.1, momentum=0.95)
     opt_ref = torch.optim.Muon(ref, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
                                adjust_lr_fn="match_rms_adamw")
     start = [p.detach().clone() for p in ours]
@@ -221,7 +222,7 @@ def test_flops_counted_per_step_and_planned(tmp_path, monkeypatch, track):
     lens = []
     text_condition = train.text_condition
     monkeypatch.setattr(train, "text_condition", lambda *a: lens.append(text_condition(*a)) or lens[-1])
-    ns = sum(train.ns_flops(p.shape) for p in run.model.muon_params())
+    ns = sum(muon.ns_flops(p.shape) for p in run.model.muon_params())
     assert run.ns_flops == ns > 0
     plan = train.compute_plan(run)
     for k, st in enumerate(track.stages):
@@ -497,7 +498,7 @@ def test_checkpoint_written_in_the_background_holds_the_state_at_save_time(tmp_p
     train.enter_stage(run, 1)
     train.train_step(run)
     at_save = {k: v.clone() for k, v in run.model.state_dict().items()}
-    train.save_checkpoint(run, "test")
+    checkpoint.save(run, "test", train.log)
     assert run.writer.job["thread"].is_alive()
     assert checkpoint.latest_checkpoint(tmp_path / "checkpoints" / "test") is None
     train.train_step(run)  # the weights change while the write waits
@@ -512,7 +513,7 @@ def test_checkpoint_written_in_the_background_holds_the_state_at_save_time(tmp_p
     def broken(*a):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(checkpoint, "write_checkpoint", broken)
-    train.save_checkpoint(run, "test")
+    checkpoint.save(run, "test", train.log)
     with pytest.raises(RuntimeError, match="step-00000002") as e:
         run.writer.wait()
     assert isinstance(e.value.__cause__, OSError)
@@ -531,12 +532,13 @@ def test_binned_validation_loss_is_deterministic_and_binned(tmp_path):
     lines = [x for x in (tmp_path / "log.txt").read_text().splitlines() if x.startswith("val_loss:")]
     assert len(lines) == 2 and lines[0] == lines[1]
     vals = record.parse_val_loss([tmp_path / "log.txt"])["stage2"]
-    assert set(vals) == {"res", "mean"} | {f"t{t}" for t in train.VAL_T}
-    bins = [vals[f"t{t}"] for t in train.VAL_T]
+    assert set(vals) == {"res", "mean"} | {f"t{t}" for t in evaluation.VAL_T}
+    bins = [vals[f"t{t}"] for t in evaluation.VAL_T]
     assert len(set(bins)) == len(bins) and all(v > 0 for v in bins) and vals["res"] == 32
     assert vals["mean"] == pytest.approx(sum(bins) / len(bins), abs=1e-4)
-    images, captions = data.validation_batch("scenes", 32, train.VAL_N)
-    assert images.shape == (train.VAL_N, 3, 32, 32) and captions == [s.long_caption for s in scenes.heldout_scenes(32)]
+    images, captions = data.validation_batch("scenes", 32, evaluation.VAL_N)
+    assert images.shape == (evaluation.VAL_N, 3, 32, 32)
+    assert captions == [s.long_caption for s in scenes.heldout_scenes(32)]
 
 
 def test_dry_run_prints_each_stage_at_a_world_size():

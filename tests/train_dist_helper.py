@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import muon
 import train
 
 # global batch 8, micro-batch 2: one process accumulates 4 micro-batches, each of two processes 2
@@ -41,7 +42,7 @@ def main(out: Path):
         train.enter_stage(run, k)
         train.train_stage(run, end, tqdm(disable=True), kill_at="")
     params, grads = muon_matrices()
-    opt = train.Muon(params, lr=0.02, weight_decay=0.1, rank=run.rank, world=run.world)
+    opt = muon.Muon(params, lr=0.02, weight_decay=0.1, rank=run.rank, world=run.world)
     for gs in grads:
         for p, g in zip(params, gs):
             p.grad = g.clone()
