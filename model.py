@@ -8,7 +8,7 @@ model.py: the PRX text-to-image denoiser in pixel space, in one file.
   SPRINT (Park et al. 2025): the middle blocks see 25 % of the tokens; a fusion layer merges the
   sparse deep path with the dense shallow path.
   TREAD (Krause et al. 2025): a random share of the tokens skips a span of blocks and rejoins after it.
-  REPA (Yu et al. 2024): the forward can hand out the hidden states after one block.
+  REPA (Yu et al. 2024): the forward can hand out the hidden states after one block (the loss: losses.py).
 
 Conventions (PRX, SD3, REPA, SPRINT): x_t = (1 - t) x0 + t eps, t = 0 is data; pixels in [-1, 1];
 text padded on the right, txt_mask True for real tokens.
@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 # ======================================================================================================================
 # Config
@@ -375,56 +374,6 @@ def sample(model, txt, txt_mask, null_txt, null_mask, noise, steps=50, method="e
             d = (d + velocity(x + (t_next - t) * d, t_next)) / 2
         x = x + (t_next - t) * d
     return x.clamp(-1, 1)
-
-
-# ======================================================================================================================
-# REPA (Yu et al. 2024), the burn-in's second loss: student tokens aligned to a frozen DINO teacher's
-
-
-def dino_tokens(teacher, x0, grid):
-    """DINO patch tokens of an image in [-1, 1], resized so that the teacher's patch grid equals the token grid."""
-    size = grid * teacher.config.patch_size
-    x = F.interpolate((x0 + 1) / 2, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device).view(1, 3, 1, 1)
-    hidden = teacher(pixel_values=(x - mean) / std).last_hidden_state
-    return hidden[:, 1 + getattr(teacher.config, "num_register_tokens", 0):]  # drop CLS and registers
-
-
-teacher_tokens = torch.no_grad()(dino_tokens)  # REPA's target: the frozen teacher on the clean image
-
-
-def repa_loss(projector, h, y, keep_idx=None, spatial_norm=False):
-    """REPA (Yu et al. 2024): negative cosine between projected student tokens and teacher tokens (per sample);
-    under SPRINT / TREAD the teacher tokens are gathered at the kept indices. iREPA (Singh et al. 2025): a 3x3
-    convolution over the token grid as projector (missing tokens enter it as zeros) and the teacher's tokens
-    normalised over space, (y - 0.8 mean_tokens(y)) / std_tokens(y) (PRX's code: the mean scaled per token instead)."""
-    if spatial_norm:
-        y = (y - 0.8 * y.mean(1, keepdim=True)) / (y.std(1, keepdim=True) + 1e-6)
-    if isinstance(projector, nn.Conv2d):
-        g = math.isqrt(y.shape[1])
-        if keep_idx is not None:
-            h = h.new_zeros(h.shape[0], y.shape[1], h.shape[-1]).scatter(1, keep_idx[..., None].expand_as(h), h)
-        p = take(projector(h.transpose(1, 2).unflatten(2, (g, g))).flatten(2).transpose(1, 2), keep_idx)
-    else:
-        p = projector(h)
-    return -F.cosine_similarity(p.float(), take(y, keep_idx).float(), dim=-1).mean(1)
-
-
-def make_projector(hidden, width, d_teacher, seed, conv=False):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if conv:  # iREPA
-            return nn.Conv2d(hidden, d_teacher, 3, padding=1)
-        return nn.Sequential(nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                             nn.Linear(width, d_teacher))
-
-
-def dino_feature_loss(teacher, x0_hat, x0, grid):
-    """PRX Part 3's DINO feature loss: 1 - cosine of the mean-pooled DINO features of the predicted and the real clean
-    image (per sample, at every noise level); gradients reach the denoiser through the frozen teacher."""
-    real = teacher_tokens(teacher, x0, grid).mean(1)
-    return 1 - F.cosine_similarity(dino_tokens(teacher, x0_hat, grid).mean(1).float(), real.float(), dim=-1)
 
 
 # ======================================================================================================================

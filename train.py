@@ -44,9 +44,9 @@ from tqdm import tqdm
 import checkpoint
 import data
 import eval as evaluation
+import losses
 import model
 import muon as muon_lib
-import perceptual
 import prepare
 import record
 import scenes
@@ -87,7 +87,7 @@ class Track:
     irepa: bool = False  # iREPA: a 3x3 conv projector and spatially normalised teacher tokens (model.repa_loss)
     contrastive: float = 0.0  # Contrastive Flow Matching's weight (PRX: 0.05; model.flow_matching_loss)
     dino_loss: float = 0.0  # PRX Part 3's DINO feature loss weight (0.01): the REPA teacher on pooled features
-    lpips: float = 0.0  # PRX Part 3's LPIPS weight (0.1; perceptual.py; needs VGG16 from the hub: record track)
+    lpips: float = 0.0  # PRX Part 3's LPIPS weight (0.1; losses.py; needs VGG16 from the hub: record track)
     lr: float = 1e-4  # AdamW lr; Muon reuses it through Moonshot's match_rms_adamw scaling
     warmup: int = 1000  # linear LR warmup steps, then constant
     betas: tuple = (0.9, 0.95)  # PRX baseline AdamW
@@ -375,16 +375,16 @@ def setup(env=os.environ, track=None):
 
 def load_critics(run):
     """The perceptual losses' frozen networks, for the whole run: the REPA teacher's model for the DINO feature loss
-    (PRX: DINOv2-B with registers, as the record track's teacher), LPIPS' VGG16 (perceptual.py)."""
+    (PRX: DINOv2-B with registers, as the record track's teacher), LPIPS' VGG16 (losses.py)."""
     from transformers import AutoModel
     if run.tr.dino_loss:
         run.critics["dino"] = AutoModel.from_pretrained(run.teacher_path).to(run.device).eval().requires_grad_(False)
     if run.tr.lpips:
         if run.rank == 0:  # the lpips wheel's weights, downloaded once into the cache
-            perceptual.fetch_lin_weights(run.cache)
+            losses.fetch_lin_weights(run.cache)
         if run.world > 1:
             dist.barrier()
-        run.critics["lpips"] = perceptual.LPIPS.from_pretrained(run.cache / "lpips" / "vgg.pth").to(run.device)
+        run.critics["lpips"] = losses.LPIPS.from_pretrained(run.cache / "lpips" / "vgg.pth").to(run.device)
 
 
 # ======================================================================================================================
@@ -411,16 +411,17 @@ def aux_flops(run, st, tr=None) -> float:
         teacher = AutoModel.from_config(conf).requires_grad_(False)
         x = torch.empty(1, 3, st.res, st.res, requires_grad=True)
         if st.repa:
-            proj = model.make_projector(run.cfg.hidden, tr.projector_width, conf.hidden_size, 0, conv=tr.irepa)
+            proj = losses.make_projector(run.cfg.hidden, tr.projector_width, conf.hidden_size, 0, conv=tr.irepa)
             h = torch.empty(1, run.cfg.hidden, grid, grid) if tr.irepa else torch.empty(1, n, run.cfg.hidden)
             size = grid * conf.patch_size
             total += (model.counted_flops(teacher, pixel_values=torch.empty(1, 3, size, size)) +
                       3 * model.counted_flops(proj, h))
         if tr.dino_loss:
-            total += model.counted_flops(lambda: model.dino_feature_loss(teacher, x, x.detach(), grid).sum().backward())
+            loss = lambda: losses.dino_feature_loss(teacher, x, x.detach(), grid).sum().backward()
+            total += model.counted_flops(loss)
         if tr.lpips:
-            net = perceptual.LPIPS().requires_grad_(False)
-            total += model.counted_flops(lambda: perceptual.lpips_loss(net, x, x.detach()).sum().backward())
+            net = losses.LPIPS().requires_grad_(False)
+            total += model.counted_flops(lambda: losses.lpips_loss(net, x, x.detach()).sum().backward())
     return total
 
 
@@ -489,7 +490,7 @@ def enter_stage(run, k):
         path = run.teacher_path
         run.teacher = AutoModel.from_pretrained(path).to(run.device).eval().requires_grad_(False)
         d_teacher = run.teacher.config.hidden_size
-        run.projector = model.make_projector(run.cfg.hidden, tr.projector_width, d_teacher, tr.seed + 1, tr.irepa)
+        run.projector = losses.make_projector(run.cfg.hidden, tr.projector_width, d_teacher, tr.seed + 1, tr.irepa)
         run.projector.to(run.device)
         run.adamw.add_param_group({"params": list(run.projector.parameters()), "name": "repa"})
         note = " (trained once on the procedural scenes: scenes.scene_teacher)" if tr.teacher_id == "scenes" else ""
@@ -606,8 +607,8 @@ def train_step(run):
             aux = aux_losses(run, out, x0)
             loss = out.fm.sum() + aux.sum()
             if st.repa:
-                y = model.teacher_tokens(run.teacher, x0, st.res // run.cfg.patch)
-                rl = model.repa_loss(run.projector, out.h, y, out.kept, tr.irepa)
+                y = losses.teacher_tokens(run.teacher, x0, st.res // run.cfg.patch)
+                rl = losses.repa_loss(run.projector, out.h, y, out.kept, tr.irepa)
                 loss = loss + st.repa * rl.sum()
                 repa_sum = repa_sum + rl.detach().sum()
         (loss / G).backward()  # sum over the global batch / G = the global mean, whatever the split
@@ -652,10 +653,10 @@ def aux_losses(run, out, x0):
     """The levers' extra loss terms per sample (weighted): Contrastive Flow Matching's, PRX Part 3's perceptual ones."""
     aux = out.contrast if out.contrast is not None else torch.zeros_like(out.fm)
     if "dino" in run.critics:
-        aux = aux + run.tr.dino_loss * model.dino_feature_loss(run.critics["dino"], out.x0_hat, x0,
+        aux = aux + run.tr.dino_loss * losses.dino_feature_loss(run.critics["dino"], out.x0_hat, x0,
                                                                run.stage.res // run.cfg.patch)
     if "lpips" in run.critics:
-        aux = aux + run.tr.lpips * perceptual.lpips_loss(run.critics["lpips"], out.x0_hat, x0)
+        aux = aux + run.tr.lpips * losses.lpips_loss(run.critics["lpips"], out.x0_hat, x0)
     return aux
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import losses
 import model
 import muon
 import train
@@ -122,14 +123,14 @@ def bench_stage(net, fwd, cfg, st, micro, opts, teacher, projector, enc, device,
             fm, h, kept = model.flow_matching_loss(fwd, x0, eps, t, txt, mask, keep, path_drop, bool(st.repa))[:3]
             loss = fm.mean()
             if st.repa:
-                y = model.teacher_tokens(teacher, x0, gh)
-                loss = loss + st.repa * model.repa_loss(projector, h, y, kept).mean()
+                y = losses.teacher_tokens(teacher, x0, gh)
+                loss = loss + st.repa * losses.repa_loss(projector, h, y, kept).mean()
         loss.backward()
         state["loss"] = loss.item()
 
     def teacher_only():
         with ctx:
-            model.teacher_tokens(teacher, x0, gh)
+            losses.teacher_tokens(teacher, x0, gh)
 
     def opt_step():
         for o in opts:
@@ -413,7 +414,7 @@ def main(argv=None):
         for blk in net.blocks:
             blk.compile()
     teacher = build_teacher(device, cpu)
-    projector = model.make_projector(cfg.hidden, track.projector_width, teacher.config.hidden_size, 0).to(device)
+    projector = losses.make_projector(cfg.hidden, track.projector_width, teacher.config.hidden_size, 0).to(device)
     adamw = torch.optim.AdamW(net.adamw_params() + list(projector.parameters()), lr=track.lr, betas=track.betas,
                               eps=track.adam_eps, fused=not cpu or None)
     opts = (adamw, muon.Muon(net.muon_params(), lr=track.lr, momentum=track.momentum))

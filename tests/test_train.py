@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import checkpoint
 import data
 import eval as evaluation
+import losses
 import model
 import muon
 import record
@@ -173,9 +174,9 @@ def test_repa_loss_gathers_teacher_tokens_at_kept_indices():
     keep = model.sprint_keep_indices(2, 4, 4, generator=g)
     kept = y.gather(1, keep[..., None].expand(-1, -1, 8))
     ident = torch.nn.Identity()
-    assert torch.allclose(model.repa_loss(ident, kept, y, keep), torch.full((2,), -1.0))  # aligned at kept tokens
-    assert torch.allclose(model.repa_loss(ident, y, y), torch.full((2,), -1.0))  # dense
-    assert (model.repa_loss(ident, y[:, :4], y, keep) > -0.9).all()  # other tokens: not aligned
+    assert torch.allclose(losses.repa_loss(ident, kept, y, keep), torch.full((2,), -1.0))  # aligned at kept tokens
+    assert torch.allclose(losses.repa_loss(ident, y, y), torch.full((2,), -1.0))  # dense
+    assert (losses.repa_loss(ident, y[:, :4], y, keep) > -0.9).all()  # other tokens: not aligned
 
 
 def test_stage_transitions(tmp_path, monkeypatch):
@@ -232,14 +233,14 @@ def test_flops_counted_per_step_and_planned(tmp_path, monkeypatch, track):
         with FlopCounterMode(display=False) as fc:
             if st.repa:  # the real teacher and projector, with a real backward through the projector
                 run.teacher.set_attn_implementation("eager")  # attention as matmuls the counter sees
-                model.teacher_tokens(run.teacher, x0, grid)
+                losses.teacher_tokens(run.teacher, x0, grid)
                 n = grid * grid // 2 if st.tread else grid * grid  # the tap (block 3) is inside TREAD's span
                 h = torch.randn(1, run.cfg.hidden, grid, grid) if track.irepa else torch.randn(1, n, run.cfg.hidden)
                 run.projector(h.requires_grad_()).sum().backward()
             if track.dino_loss:
                 run.critics["dino"].set_attn_implementation("eager")
                 x0_hat = x0.clone().requires_grad_()
-                model.dino_feature_loss(run.critics["dino"], x0_hat, x0, grid).sum().backward()
+                losses.dino_feature_loss(run.critics["dino"], x0_hat, x0, grid).sum().backward()
         aux = fc.get_total_flops()
         assert run.aux_flops == aux and (aux > 0) == bool(st.repa or track.dino_loss)
         lens.clear()
@@ -255,9 +256,8 @@ def test_flops_counted_per_step_and_planned(tmp_path, monkeypatch, track):
 def test_levers_train_as_named(tmp_path):
     """TREAD, iREPA, v-prediction, Contrastive FM, the DINO and LPIPS losses in one run: each is where it says, the
     auxiliary terms reach the step line, and the fine-tune's EMA restarts at its first step (not on a resume)."""
-    from test_perceptual import random_lpips
+    from test_losses import random_lpips
 
-    import perceptual
     track = dataclasses.replace(LEVERS, pred="v", stages=LEVERS.stages[:3] + (
         dataclasses.replace(LEVERS.stages[3], ema_restart=True),))
     run = make_run(tmp_path, track)
@@ -278,7 +278,7 @@ def test_levers_train_as_named(tmp_path):
     ema = [p.clone() for p in run.ema.parameters()]
     train.enter_stage(run, 3)
     assert all(torch.equal(p, q) for p, q in zip(run.ema.parameters(), ema))
-    assert isinstance(run.critics["lpips"], perceptual.LPIPS)
+    assert isinstance(run.critics["lpips"], losses.LPIPS)
 
 
 def test_over_budget_recipe_stops_at_setup(tmp_path):
@@ -320,8 +320,8 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     loss_fn = model.flow_matching_loss
 
     def poisoned(model, x0, *a, **kw):  # the weights blow up after two steps
-        loss, h, kept = loss_fn(model, x0, *a, **kw)
-        return (loss * float("nan") if train_step_count[0] >= 2 else loss), h, kept
+        out = loss_fn(model, x0, *a, **kw)
+        return out._replace(fm=out.fm * float("nan")) if train_step_count[0] >= 2 else out
 
     train_step_count = [0]
     step = train.train_step

@@ -1,15 +1,18 @@
 """
-perceptual.py: LPIPS (Zhang et al. 2018, "The Unreasonable Effectiveness of Deep Features as a Perceptual Metric"),
-the perceptual loss of PRX Part 3's 24-hour run (weight 0.1, at every noise level, at half resolution).
+losses.py: the training losses against frozen networks, beside the flow-matching objective (model.py):
+  REPA (Yu et al. 2024), the burn-in's alignment of the denoiser's tokens to a DINO teacher's, and iREPA's variant;
+  PRX Part 3's perceptual losses: a DINO feature loss, and LPIPS (Zhang et al. 2018, "The Unreasonable Effectiveness
+  of Deep Features as a Perceptual Metric"; weight 0.1, at every noise level, at half resolution).
 
-Written here rather than imported: the `lpips` package builds on torchvision, whose PyPI build does not import beside
-the pinned torch on the CPU machines of this project. The network and the weights are the published ones: VGG16's
+LPIPS is written here rather than imported: the `lpips` package builds on torchvision, whose PyPI build does not import
+beside the pinned torch on the CPU machines of this project. The network and the weights are the published ones: VGG16's
 convolutions with torchvision's ImageNet weights (on the hub as timm's `vgg16.tv_in1k`, the same tensor names), and
 LPIPS v0.1's linear layers (`lpips/weights/v0.1/vgg.pth` inside the lpips wheel, which `python prepare.py --lpips`
 extracts without installing it). The record track turns it on with Track.lpips; the CPU track has no VGG weights.
 """
 
 import io
+import math
 import subprocess
 import sys
 import tempfile
@@ -19,6 +22,63 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+import model
+
+# ======================================================================================================================
+# REPA and the DINO feature loss
+
+
+def dino_tokens(teacher, x0, grid):
+    """DINO patch tokens of an image in [-1, 1], resized so that the teacher's patch grid equals the token grid."""
+    size = grid * teacher.config.patch_size
+    x = F.interpolate((x0 + 1) / 2, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device).view(1, 3, 1, 1)
+    hidden = teacher(pixel_values=(x - mean) / std).last_hidden_state
+    return hidden[:, 1 + getattr(teacher.config, "num_register_tokens", 0):]  # drop CLS and registers
+
+
+teacher_tokens = torch.no_grad()(dino_tokens)  # REPA's target: the frozen teacher on the clean image
+
+
+def repa_loss(projector, h, y, keep_idx=None, spatial_norm=False):
+    """REPA (Yu et al. 2024): negative cosine between projected student tokens and teacher tokens (per sample);
+    under SPRINT / TREAD the teacher tokens are gathered at the kept indices. iREPA (Singh et al. 2025): a 3x3
+    convolution over the token grid as projector (missing tokens enter it as zeros) and the teacher's tokens
+    normalised over space, (y - 0.8 mean_tokens(y)) / std_tokens(y) (PRX's code: the mean scaled per token instead)."""
+    if spatial_norm:
+        y = (y - 0.8 * y.mean(1, keepdim=True)) / (y.std(1, keepdim=True) + 1e-6)
+    if isinstance(projector, nn.Conv2d):
+        g = math.isqrt(y.shape[1])
+        if keep_idx is not None:
+            h = h.new_zeros(h.shape[0], y.shape[1], h.shape[-1]).scatter(1, keep_idx[..., None].expand_as(h), h)
+        p = model.take(projector(h.transpose(1, 2).unflatten(2, (g, g))).flatten(2).transpose(1, 2), keep_idx)
+    else:
+        p = projector(h)
+    return -F.cosine_similarity(p.float(), model.take(y, keep_idx).float(), dim=-1).mean(1)
+
+
+def make_projector(hidden, width, d_teacher, seed, conv=False):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if conv:  # iREPA
+            return nn.Conv2d(hidden, d_teacher, 3, padding=1)
+        return nn.Sequential(nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                             nn.Linear(width, d_teacher))
+
+
+def dino_feature_loss(teacher, x0_hat, x0, grid):
+    """PRX Part 3's DINO feature loss: 1 - cosine of the mean-pooled DINO features of the predicted and the real clean
+    image (per sample, at every noise level); gradients reach the denoiser through the frozen teacher."""
+    real = teacher_tokens(teacher, x0, grid).mean(1)
+    return 1 - F.cosine_similarity(dino_tokens(teacher, x0_hat, grid).mean(1).float(), real.float(), dim=-1)
+
+
+# ======================================================================================================================
+# LPIPS
+
 
 VGG_ID = "timm/vgg16.tv_in1k"  # torchvision's VGG16 ImageNet weights as safetensors on the hub
 LPIPS_WHEEL = "lpips==0.1.4"  # its weights/v0.1/vgg.pth: the linear layers on the five VGG taps

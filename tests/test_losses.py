@@ -1,4 +1,4 @@
-"""perceptual.py: LPIPS on random-weight VGG16s (the published weights cannot be downloaded here)."""
+"""losses.py: LPIPS on random-weight VGG16s (the published weights cannot be downloaded here)."""
 
 import zipfile
 
@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import perceptual
+import losses
 
 
 def random_lpips(seed=0):
     torch.manual_seed(seed)
-    net = perceptual.LPIPS()
+    net = losses.LPIPS()
     with torch.no_grad():
         for lin in net.lins:
             lin.weight.uniform_(0, 1)  # LPIPS' layers are non-negative
@@ -41,7 +41,7 @@ def test_lpips_matches_a_direct_computation_of_its_definition():
 def test_lpips_loss_trains_the_prediction_at_half_resolution():
     net = random_lpips()
     x0, x0_hat = torch.rand(2, 3, 32, 32) * 2 - 1, (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_()
-    loss = perceptual.lpips_loss(net, x0_hat, x0)
+    loss = losses.lpips_loss(net, x0_hat, x0)
     half = [F.interpolate(z, scale_factor=0.5, mode="bilinear", align_corners=False) for z in (x0_hat, x0)]
     torch.testing.assert_close(loss, net(*half))
     loss.sum().backward()
@@ -59,8 +59,8 @@ def test_from_pretrained_loads_vgg_features_and_lpips_layers(tmp_path):
     wheel = tmp_path / "lpips-0.1.4-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
         z.write(tmp_path / "vgg.pth", "lpips/weights/v0.1/vgg.pth")
-    path = perceptual.extract_lin_weights(wheel, tmp_path / "cache" / "lpips" / "vgg.pth")
-    net = perceptual.LPIPS.from_pretrained(path, vgg=str(tmp_path / "vgg"))
+    path = losses.extract_lin_weights(wheel, tmp_path / "cache" / "lpips" / "vgg.pth")
+    net = losses.LPIPS.from_pretrained(path, vgg=str(tmp_path / "vgg"))
     x, y = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
     torch.testing.assert_close(net(x, y), ref(x, y), rtol=0, atol=0)
     assert not any(p.requires_grad for p in net.parameters())
@@ -72,5 +72,5 @@ def test_extract_refuses_pickled_objects(tmp_path):
     with zipfile.ZipFile(wheel, "w") as z:
         z.write(tmp_path / "vgg.pth", "lpips/weights/v0.1/vgg.pth")
     with pytest.raises(Exception, match="(?i)weights only|unsupported|global"):
-        perceptual.extract_lin_weights(wheel, tmp_path / "out" / "vgg.pth")
+        losses.extract_lin_weights(wheel, tmp_path / "out" / "vgg.pth")
     assert not (tmp_path / "out" / "vgg.pth").exists()
