@@ -23,9 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
 import numpy as np
 
 import checkpoint
@@ -34,6 +31,7 @@ import record
 import scenes
 import train
 
+HERE = Path(__file__).resolve().parent
 SEEDS = {"baseline": (0, 1, 2)}  # every other variant: seeds 0 and 1
 # PRX's published effect of the same lever (Photoroom's PRX ablations, 256 px latents, FID at their protocol):
 # the direction to compare with; the scales differ (procedural scenes at 96 px here).
