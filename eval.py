@@ -29,6 +29,7 @@ from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT
 import data
 import model as model_lib
 import scenes
+import text
 
 # ======================================================================================================================
 # Frozen evaluation protocol. Any change to a block bumps its version; the hash goes into every result.
@@ -429,7 +430,7 @@ def load_checkpoint(ckpt, device="cpu", model_lib=model_lib):
     except Exception as e:  # noqa: BLE001 (a truncated or foreign file: one line naming it, not a traceback)
         raise SystemExit(f"eval.py: checkpoint {ckpt} is damaged or incomplete ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'})") from None
-    enc = data.TextEncoder.from_name(conf.get("text_encoder", "cpu_track"), str(device))
+    enc = text.TextEncoder.from_name(conf.get("text_encoder", "cpu_track"), str(device))
     return m.to(device).eval(), enc
 
 

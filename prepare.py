@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-import scenes
+import text
 from data import BAD_INPUT, SOURCES, ParquetSource, SampleError
 
 # ======================================================================================================================
@@ -171,68 +171,6 @@ def prepare_images(src: ParquetSource, res, out_dir, file_rows=4096, group_rows=
     return out
 
 
-def build_cache(source, encoder, out_dir, shard_rows=8192, batch_size=64, kinds=("long", "short")):
-    """Encode the long and short caption of every row once; shards `<kind>-<first row>.safetensors` hold
-    `emb` [sum of lengths, dim] bf16 and `offsets` [n + 1]. Existing shards are kept (resumes). Captions are encoded
-    in batches of similar length (less padding), then stored in row order."""
-    from safetensors.torch import save_file
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"fingerprint": source.fingerprint, "encoder": encoder.name, "dim": encoder.dim, "shard_rows": shard_rows}
-    if (out / "meta.json").exists() and json.loads((out / "meta.json").read_text()) != meta:
-        raise RuntimeError(f"{out} holds a cache of other data or another encoder; use a new folder")
-    (out / f".meta-{os.getpid()}").write_text(json.dumps(meta))
-    os.replace(out / f".meta-{os.getpid()}", out / "meta.json")  # atomic: processes may build parts concurrently
-    rows = list(source.iter_captions())
-    for start in tqdm(range(0, len(rows), shard_rows), desc="cache"):
-        chunk = rows[start:start + shard_rows]
-        for kind, col in (("long", 1), ("short", 2)):
-            path = out / f"{kind}-{start:09d}.safetensors"
-            if path.exists() or kind not in kinds:
-                continue
-            texts = [r[col] or "" for r in chunk]
-            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together
-            embs = [None] * len(texts)
-            for i in range(0, len(order), batch_size):
-                part = order[i:i + batch_size]
-                e, m = encoder.encode([texts[r] for r in part])
-                for j, r in enumerate(part):
-                    embs[r] = e[j, m[j]].to(torch.bfloat16).cpu()
-            offs = torch.tensor([0] + [len(e) for e in embs]).cumsum(0)
-            save_file({"emb": torch.cat(embs), "offsets": offs}, str(path) + ".tmp")
-            os.replace(str(path) + ".tmp", path)
-    return out
-
-
-def cpu_track_paths(cache: Path, seed: int, pool: int, encoder_name: str, repa_grid: int) -> tuple[Path, Path | None]:
-    """Where the CPU track's preparation lives under `cache`: its pool's caption cache (per seed, pool size and text
-    encoder) and its REPA teacher (per token grid; None without REPA)."""
-    text = cache / f"scenes-{seed}-{pool}-text-{hashlib.sha256(encoder_name.encode()).hexdigest()[:8]}"
-    teacher = cache / f"scene-teacher-dinov2-with-registers-tiny-grid{repa_grid}-1thread" if repa_grid else None
-    return text, teacher
-
-
-def cpu_track_data(cache: Path, seed: int, pool: int, encoder, repa_grid: int, rank=0, world=1):
-    """The CPU track's data preparation, outside the clock and cached (a second run finds it): the captions of its
-    pool of `pool` procedural scenes encoded once, and the REPA teacher trained once on scenes at the burn-in's
-    token grid (scenes.scene_teacher). With several processes the work is shared: the long captions on rank 1, the
-    short ones and the teacher on rank 0 (each single-threaded under torchrun); the caller waits for all."""
-    text, teacher = cpu_track_paths(cache, seed, pool, encoder.name, repa_grid)
-    ds = scenes.SceneDataset(seed, pool)
-    jobs = [lambda: build_cache(ds, encoder, text, kinds=("long",)),
-            lambda: build_cache(ds, encoder, text, kinds=("short",))]
-    if teacher is not None:
-        jobs.append(lambda: scenes.scene_teacher(teacher, grid=repa_grid))
-    todo = not all((text / f"{k}-{0:09d}.safetensors").exists() for k in ("long", "short")) or (
-        teacher is not None and not (teacher / "config.json").exists())
-    if todo and rank == 0:
-        print(f"CPU track: preparing its data once under {cache} (caption cache, REPA teacher); later runs reuse it",
-              flush=True)
-    mine = jobs if world == 1 else jobs[1:] if rank == 0 else jobs[:1] if rank == 1 else []
-    for job in mine:
-        job()
-
-
 # ======================================================================================================================
 # Cache report and command line (the loader benchmark: tests/bench_data.py)
 
@@ -260,9 +198,9 @@ def cache_report(folder, gpus=8):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sources", nargs="*", default=["mj-llava", "alchemist"])
+    ap.add_argument("--sources", nargs="*", default=list(SOURCES), help="default: every data.SOURCES entry")
     ap.add_argument("--root", default=str(data.DATA_ROOT))
-    ap.add_argument("--encoder", default=data.T5GEMMA)
+    ap.add_argument("--encoder", default=text.T5GEMMA)
     for flag in ("--cache", "--bench", "--prepare"):
         ap.add_argument(flag, action="store_true")
     a = ap.parse_args()
@@ -279,9 +217,9 @@ def main():
                 prepare_images(ParquetSource.from_name(name, a.root), res, Path(a.root) / name / f"prepared-{res}")
     if a.cache:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-        enc = data.TextEncoder.from_name(a.encoder, dev)
+        enc = text.TextEncoder.from_name(a.encoder, dev)
         for name in a.sources:
-            cache_report(build_cache(ParquetSource.from_name(name, a.root), enc, Path(a.root) / name / "cache"))
+            cache_report(text.build_cache(ParquetSource.from_name(name, a.root), enc, Path(a.root) / name / "cache"))
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ import data
 
 HERE = Path(__file__).resolve().parent
 # every file train.py runs (imports), in the order a reader meets them
-SOURCES = ("train.py", "model.py", "muon.py", "losses.py", "data.py", "scenes.py", "prepare.py", "checkpoint.py",
-           "eval.py", "record.py")
+SOURCES = ("train.py", "model.py", "muon.py", "losses.py", "data.py", "text.py", "scenes.py", "prepare.py",
+           "checkpoint.py", "eval.py", "record.py")
 SRC_HEADER = re.compile(r"^==== (\S+) sha256:([0-9a-f]{64}) ====$", re.MULTILINE)
 NUM = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)")
 

@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+import text
+
 # ======================================================================================================================
 # Scenes: what they hold, their captions, the seeded generator
 
@@ -245,3 +247,36 @@ def scene_teacher(path, steps=600, batch=32, grid=8, seed=0) -> str:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(path)
+
+
+# ======================================================================================================================
+# The CPU track's data preparation (captions encoded once, the REPA teacher trained once), cached
+
+
+def cpu_track_paths(cache: Path, seed: int, pool: int, encoder_name: str, repa_grid: int) -> tuple[Path, Path | None]:
+    """Where the CPU track's preparation lives under `cache`: its pool's caption cache (per seed, pool size and text
+    encoder) and its REPA teacher (per token grid; None without REPA)."""
+    captions = cache / f"scenes-{seed}-{pool}-text-{hashlib.sha256(encoder_name.encode()).hexdigest()[:8]}"
+    teacher = cache / f"scene-teacher-dinov2-with-registers-tiny-grid{repa_grid}-1thread" if repa_grid else None
+    return captions, teacher
+
+
+def cpu_track_data(cache: Path, seed: int, pool: int, encoder, repa_grid: int, rank=0, world=1):
+    """The CPU track's data preparation, outside the clock and cached (a second run finds it): the captions of its
+    pool of `pool` procedural scenes encoded once, and the REPA teacher trained once on scenes at the burn-in's
+    token grid (scene_teacher). With several processes the work is shared: the long captions on rank 1, the
+    short ones and the teacher on rank 0 (each single-threaded under torchrun); the caller waits for all."""
+    captions, teacher = cpu_track_paths(cache, seed, pool, encoder.name, repa_grid)
+    ds = SceneDataset(seed, pool)
+    jobs = [lambda: text.build_cache(ds, encoder, captions, kinds=("long",)),
+            lambda: text.build_cache(ds, encoder, captions, kinds=("short",))]
+    if teacher is not None:
+        jobs.append(lambda: scene_teacher(teacher, grid=repa_grid))
+    todo = not all((captions / f"{k}-{0:09d}.safetensors").exists() for k in ("long", "short")) or (
+        teacher is not None and not (teacher / "config.json").exists())
+    if todo and rank == 0:
+        print(f"CPU track: preparing its data once under {cache} (caption cache, REPA teacher); later runs reuse it",
+              flush=True)
+    mine = jobs if world == 1 else jobs[1:] if rank == 0 else jobs[:1] if rank == 1 else []
+    for job in mine:
+        job()

@@ -47,9 +47,9 @@ import eval as evaluation
 import losses
 import model
 import muon as muon_lib
-import prepare
 import record
 import scenes
+import text
 
 HERE = Path(__file__).resolve().parent
 
@@ -79,7 +79,7 @@ class Track:
     name: str
     preset: str  # model.PRESETS key
     stages: tuple
-    text_encoder: str  # data.TextEncoder name or path; "cpu_track" = data.TextEncoder.cpu_track()
+    text_encoder: str  # text.TextEncoder name or path; "cpu_track" = text.TextEncoder.cpu_track()
     teacher_id: str  # REPA teacher for transformers' from_pretrained; "scenes" = scenes.scene_teacher (CPU, offline)
     shift_base: int  # resolution where the SD3 time shift is 1: a = res / shift_base (sampler uses the same a)
     shift_fixed: float = 0.0  # > 0: PRX Part 3's fixed shift (3.0), its uniform draws unshifted (model.training_time)
@@ -286,7 +286,7 @@ class Run:
     device: torch.device | None = None
     amp: torch.dtype | None = None  # bf16 autocast on CUDA; None: FP32 throughout (CPU)
     peak_measured: float = math.nan  # this card's bf16 matmul FLOP/s (the step line's mfu_measured)
-    enc: object = None  # frozen text encoder (data.TextEncoder)
+    enc: object = None  # frozen text encoder (text.TextEncoder)
     cfg: object = None  # model.PRXConfig
     model: nn.Module = None  # FP32 master weights
     ema: nn.Module = None  # EMA of the weights (what is sampled and evaluated)
@@ -323,7 +323,7 @@ def setup(env=os.environ, track=None):
     missing = data.missing_sources(sorted({st.source for st in run.tr.stages} - {"scenes"}))
     if missing:  # now, not at the stage that reads it hours later
         raise SystemExit(f"train.py: no data for source(s) {', '.join(missing)} under {data.DATA_ROOT}: run "
-                         f"`python prepare.py {' '.join(missing)}` first (README, Data)")
+                         f"`python prepare.py --sources {' '.join(missing)}` first (README, Data)")
     run.writer = checkpoint.Writer(log=lambda line: log(run, line))
     if "TORCHELASTIC_RUN_ID" in env and sys.platform == "linux":  # a torchrun worker must not outlive its launcher
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM (save, exit) when the parent dies
@@ -340,7 +340,7 @@ def setup(env=os.environ, track=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         run.peak_measured = model.peak_matmul_flops(run.device)  # this card's bf16 matmul peak, beside the spec's
     run.amp = torch.bfloat16 if cuda else None  # FP32 master weights; bf16 only inside autocast
-    run.enc = data.TextEncoder.from_name(run.tr.text_encoder, run.device)
+    run.enc = text.TextEncoder.from_name(run.tr.text_encoder, run.device)
     run.cfg = dataclasses.replace(model.PRESETS[run.tr.preset], text_dim=run.enc.dim, pred=run.tr.pred)
     torch.manual_seed(run.tr.seed)  # every rank builds the same initial weights
     run.model = model.PRX(run.cfg).to(run.device)
@@ -364,10 +364,10 @@ def setup(env=os.environ, track=None):
     if tr.scene_pool:  # the CPU track's data preparation (caption cache, REPA teacher), outside the clock, cached
         repa = [s.res for s in tr.stages if s.repa]
         grid = repa[0] // run.cfg.patch if repa and tr.teacher_id == "scenes" else 0  # the burn-in's token grid
-        prepare.cpu_track_data(run.cache, tr.seed, tr.scene_pool, run.enc, grid, run.rank, run.world)
+        scenes.cpu_track_data(run.cache, tr.seed, tr.scene_pool, run.enc, grid, run.rank, run.world)
         if run.world > 1:
             dist.barrier()
-        run.scene_text, teacher = prepare.cpu_track_paths(run.cache, tr.seed, tr.scene_pool, run.enc.name, grid)
+        run.scene_text, teacher = scenes.cpu_track_paths(run.cache, tr.seed, tr.scene_pool, run.enc.name, grid)
         run.teacher_path = str(teacher) if teacher else tr.teacher_id
     load_critics(run)
     return run

@@ -187,7 +187,7 @@ def build_anywhere(cfg, devices):
 
 def save_text_encoder(path, width, cpu):
     """A T5Gemma saved like the hub checkpoint (encoder + decoder, 1 layer each, the real width on a GPU) and a
-    word-level tokenizer built here, so that data.TextEncoder loads it through the record track's code path."""
+    word-level tokenizer built here, so that text.TextEncoder loads it through the record track's code path."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5GemmaConfig, T5GemmaModel
 

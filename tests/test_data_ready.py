@@ -16,6 +16,7 @@ from test_data import _ids, _jpeg, _shard, _take
 
 import data
 import prepare
+import text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,10 +87,10 @@ def test_mixture_reads_cached_text_for_both_sources(tmp_path, monkeypatch, capsy
     b_ids = [f"alc-{k}" for k in range(8) if not data.is_heldout(f"alc-{k}")]
     pq.write_table(pa.table({"img_key": b_ids, "image": [_jpeg(rng, 50, 50) for _ in b_ids],
                              "prompt": [f"curated {i}" for i in b_ids]}), tmp_path / "alchemist" / "x.parquet")
-    enc = data.TextEncoder.cpu_track()
+    enc = text.TextEncoder.cpu_track()
     assert data.text_cache_dir("sft-mix") is None  # no cache yet: the stage encodes live
     for name in ("mj-llava", "alchemist"):
-        prepare.build_cache(data.ParquetSource.from_name(name, tmp_path), enc, tmp_path / name / "cache", batch_size=16)
+        text.build_cache(data.ParquetSource.from_name(name, tmp_path), enc, tmp_path / name / "cache", batch_size=16)
     prepare.cache_report(tmp_path / "mj-llava" / "cache")
     report = capsys.readouterr().out.splitlines()
     assert "40 rows x 2 captions" in report[0] and len(report) == 5
@@ -198,7 +199,7 @@ def test_prx_sources_mix_by_size_with_nested_caches(tmp_path, monkeypatch):
     assert data.leaves("sft-mix") == ["flux-reason", "flux-generated", "mj-llava", "alchemist"]
     assert data.missing_sources(["prx-data"], tmp_path) == ["flux-reason", "flux-generated", "mj-llava"]
     with pytest.raises(SystemExit, match=r"^train.py: no data for source\(s\) flux-reason, flux-generated, mj-llava, "
-                                         r"alchemist under .*: run `python prepare.py flux-reason flux-generated"):
+                                         r"alchemist under .*: run `python prepare.py --sources flux-reason"):
         import train
         train.setup({"SPEEDRUN_TRACK": "record", "SPEEDRUN_OUT": str(tmp_path)}, track=train.RECORD)
     sizes = {n: _write_source(tmp_path, n, k, rng) for n, k in (("flux-reason", 30), ("flux-generated", 12))}
@@ -210,9 +211,9 @@ def test_prx_sources_mix_by_size_with_nested_caches(tmp_path, monkeypatch):
     assert src.num_rows == sum(served.values())
     order = src.order(0, 0)
     assert len(order) == len(set(order.tolist())) == src.num_rows  # every row of every source, once
-    enc = data.TextEncoder.cpu_track()
+    enc = text.TextEncoder.cpu_track()
     for name in served:
-        prepare.build_cache(data.ParquetSource.from_name(name, tmp_path), enc, tmp_path / name / "cache", batch_size=16)
+        text.build_cache(data.ParquetSource.from_name(name, tmp_path), enc, tmp_path / name / "cache", batch_size=16)
     dirs = data.text_cache_dir("prx-data")
     assert dirs == ((tmp_path / "flux-reason" / "cache", tmp_path / "flux-generated" / "cache"),
                     tmp_path / "mj-llava" / "cache")

@@ -175,7 +175,7 @@ class Oracle(torch.nn.Module):
 
 
 class BankEncoder:
-    """Test double of data.TextEncoder: prompt "i" -> image i of a fixed bank, "" -> zeros."""
+    """Test double of text.TextEncoder: prompt "i" -> image i of a fixed bank, "" -> zeros."""
 
     def __init__(self, bank):
         self.bank = bank

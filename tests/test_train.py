@@ -27,6 +27,7 @@ import model
 import muon
 import record
 import scenes
+import text
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -436,7 +437,7 @@ def test_kill_and_resume_match_uninterrupted(reference):
 
 
 def test_text_padded_to_the_tracks_fixed_length_with_caption_dropout():
-    enc = data.TextEncoder.cpu_track()
+    enc = text.TextEncoder.cpu_track()
     run = SimpleNamespace(device=torch.device("cpu"), enc=enc, tr=dataclasses.replace(train.CPU, text_len=32))
     caps = ["a red circle", "two blue squares on the left"]
     txt, mask = train.text_condition(run, {"caption": caps}, [False, True])  # the second caption is dropped
