@@ -462,7 +462,7 @@ def count_params(cfg: PRXConfig) -> int:
 
 
 # ======================================================================================================================
-# `python model.py`: parameter count and FLOPs (speed against diffusers' PRX: `python tests/bench_model.py`)
+# `python model.py`: parameter count and FLOPs (speed against diffusers' PRX: `python -m tools.bench_model`)
 
 
 if __name__ == "__main__":

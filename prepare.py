@@ -172,7 +172,7 @@ def prepare_images(src: ParquetSource, res, out_dir, file_rows=4096, group_rows=
 
 
 # ======================================================================================================================
-# Cache report and command line (the loader benchmark: tests/bench_data.py)
+# Cache report and command line (the loader benchmark: tools/bench_data.py)
 
 
 # img/s per GPU of the record track's stages (train.py's loop on one H100, records/gpu-checks/2026-11-26)
@@ -208,7 +208,7 @@ def main():
     if bad:
         ap.error(f"unknown source {', '.join(map(repr, bad))}; choose from: {', '.join(SOURCES)}")
     if a.bench:
-        return subprocess.run([sys.executable, str(Path(__file__).parent / "tests" / "bench_data.py")], check=True)
+        return subprocess.run([sys.executable, "-m", "tools.bench_data"], cwd=Path(__file__).parent, check=True)
     for name in a.sources:
         prepare(name, a.root)
     if a.prepare:  # training-ready shards at each record-track resolution

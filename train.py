@@ -34,6 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,7 @@ import eval as evaluation
 import losses
 import model
 import muon as muon_lib
+import plan
 import record
 import scenes
 import text
@@ -245,7 +247,15 @@ def sample_key(seed: int, step: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{index}".encode()).digest()[:8], "little") >> 1
 
 
-def draw_samples(run, index, step):
+class Draws(NamedTuple):
+    t: torch.Tensor  # [B] timesteps
+    eps: torch.Tensor  # [B, 3, res, res] noise
+    drop: list  # [B] bool: caption dropped to ""
+    path_drop: torch.Tensor | None  # [B] bool: SPRINT path-drop (None when the stage has none)
+    keep: torch.Tensor | None  # [B, Nk] SPRINT's or TREAD's kept token indices (None when dense)
+
+
+def draw_samples(run, index, step) -> Draws:
     """Timesteps, noise, caption/path drops and SPRINT / TREAD kept indices of one micro-batch, one torch.Generator per
     sample seeded from its global index: 1, 2, 4 or 8 processes (any micro-batch split) draw the same numbers."""
     st, dev = run.stage, run.device
@@ -264,10 +274,8 @@ def draw_samples(run, index, step):
                         model.sprint_keep_indices(1, gh, gh, generator=g))
         gd = torch.Generator(dev).manual_seed(key ^ 1)
         eps.append(torch.randn(3, st.res, st.res, generator=gd, device=dev))
-    t = torch.tensor(t, device=dev)
-    keep = torch.cat(keep).to(dev) if keep else None
-    path_drop = torch.tensor(pd, device=dev) if st.path_drop else None
-    return t, torch.stack(eps), cap, path_drop, keep
+    return Draws(torch.tensor(t, device=dev), torch.stack(eps), cap,
+                 torch.tensor(pd, device=dev) if st.path_drop else None, torch.cat(keep).to(dev) if keep else None)
 
 
 # ======================================================================================================================
@@ -317,7 +325,8 @@ class Run:
     text_max: int = 0  # the most text tokens a batch can carry (text_bound): the plan's upper bound
 
 
-def setup(env=os.environ, track=None):
+def init_process(env=os.environ, track=None) -> Run:
+    """A Run with its process settled: the track, torchrun's process group, the device; checks that cost nothing."""
     run = Run(tr=track or select_track(env), out=Path(env.get("SPEEDRUN_OUT", ".")).resolve(), t0=time.time(),
               cache=Path(env.get("SPEEDRUN_CACHE", HERE / "cache")).resolve())
     missing = data.missing_sources(sorted({st.source for st in run.tr.stages} - {"scenes"}))
@@ -331,15 +340,23 @@ def setup(env=os.environ, track=None):
             os.kill(os.getpid(), signal.SIGTERM)
     run.rank, run.world, local = evaluation.init_distributed(env)
     for st in run.tr.stages:  # every stage's global batch splits over this world size, or one line now
-        micro_batching(st, run.world)
+        plan.micro_batching(st, run.world)
     cuda = torch.cuda.is_available() and run.tr.name == "record"
     run.device = torch.device("cuda", local) if cuda else torch.device("cpu")
     torch.set_flush_denormal(True)  # CPU: denormal values appearing after some steps slow matmuls up to ~50x
     if cuda:
         torch.cuda.set_device(run.device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        run.peak_measured = model.peak_matmul_flops(run.device)  # this card's bf16 matmul peak, beside the spec's
     run.amp = torch.bfloat16 if cuda else None  # FP32 master weights; bf16 only inside autocast
+    return run
+
+
+def setup(env=os.environ, track=None, run=None) -> Run:
+    """The minutes before the first step: text encoder, model, EMA, optimizers, the FLOP plan, data preparation."""
+    run = run or init_process(env, track)
+    cuda = run.device.type == "cuda"
+    if cuda:
+        run.peak_measured = model.peak_matmul_flops(run.device)  # this card's bf16 matmul peak, beside the spec's
     run.enc = text.TextEncoder.from_name(run.tr.text_encoder, run.device)
     run.cfg = dataclasses.replace(model.PRESETS[run.tr.preset], text_dim=run.enc.dim, pred=run.tr.pred)
     torch.manual_seed(run.tr.seed)  # every rank builds the same initial weights
@@ -356,11 +373,11 @@ def setup(env=os.environ, track=None):
     run.muon = muon_lib.Muon(run.model.muon_params(), lr=tr.lr, weight_decay=tr.weight_decay, momentum=tr.momentum,
                     rank=run.rank, world=run.world, ns_dtype=getattr(torch, tr.ns_dtype)) if tr.muon else None
     run.teacher_path = tr.teacher_id
-    run.ns_flops, run.text_max = muon_step_flops(run, tr), text_bound(run)
+    run.ns_flops, run.text_max = plan.muon_step_flops(run, tr), plan.text_bound(run)
     if tr.variant != "baseline" and math.isfinite(tr.flop_budget):  # an ablation spends the baseline's compute
         base = select_track(dict(env, SPEEDRUN_VARIANT="baseline"))
-        run.tr = tr = fit_budget(tr, compute_plan(run), sum(compute_plan(run, base)))
-    check_budget(run, compute_plan(run))  # before the data preparation's minutes
+        run.tr = tr = plan.fit_budget(tr, plan.compute_plan(run), sum(plan.compute_plan(run, base)))
+    plan.check_budget(run, plan.compute_plan(run))  # before the data preparation's minutes
     if tr.scene_pool:  # the CPU track's data preparation (caption cache, REPA teacher), outside the clock, cached
         repa = [s.res for s in tr.stages if s.repa]
         grid = repa[0] // run.cfg.patch if repa and tr.teacher_id == "scenes" else 0  # the burn-in's token grid
@@ -387,136 +404,67 @@ def load_critics(run):
         run.critics["lpips"] = losses.LPIPS.from_pretrained(run.cache / "lpips" / "vgg.pth").to(run.device)
 
 
-# ======================================================================================================================
-# Compute: the FLOPs of training (the CPU track's budget is a number of them; the log keeps the running total)
+def repa_on(run, st):
+    """REPA's burn-in (Yu et al. 2024): the frozen teacher loaded, a trainable projector in AdamW's group "repa"."""
+    from transformers import AutoModel
+    tr = run.tr
+    run.teacher = AutoModel.from_pretrained(run.teacher_path).to(run.device).eval().requires_grad_(False)
+    d_teacher = run.teacher.config.hidden_size
+    run.projector = losses.make_projector(run.cfg.hidden, tr.projector_width, d_teacher, tr.seed + 1, tr.irepa)
+    run.projector.to(run.device)
+    run.adamw.add_param_group({"params": list(run.projector.parameters()), "name": "repa"})
+    note = " (trained once on the procedural scenes: scenes.scene_teacher)" if tr.teacher_id == "scenes" else ""
+    log(run, f"repa: teacher {run.teacher_path}{note} d_teacher:{d_teacher} weight:{st.repa} "
+             f"block:{run.cfg.repa_block}{' iREPA' if tr.irepa else ''}")
 
 
-def aux_flops(run, st, tr=None) -> float:
-    """FLOPs per training sample beside the denoiser: REPA (the frozen teacher's forward, the projector's forward +
-    backward) and the perceptual losses (their networks' forward on both images, backward to the prediction), counted
-    by torch.utils.flop_counter on meta tensors (the config only: no weights, no compute)."""
-    from transformers import AutoConfig, AutoModel
-    tr = tr or run.tr
-    if not (st.repa or tr.dino_loss or tr.lpips):
-        return 0.0
-    grid = st.res // run.cfg.patch
-    conf = scenes.teacher_config(grid) if tr.teacher_id == "scenes" else AutoConfig.from_pretrained(run.teacher_path)
-    conf._attn_implementation = "eager"  # attention as matmuls that the counter sees
-    n = grid * grid  # tokens at the REPA tap: SPRINT's / TREAD's kept ones when the tap is in their span
-    lo, hi = (run.cfg.tread_start, run.cfg.tread_end) if st.tread else (run.cfg.sparse_start, run.cfg.sparse_end)
-    if (st.sprint_drop or st.tread) and lo < run.cfg.repa_block <= hi:
-        n = n - min(max(round(n * st.tread), 1), n - 1) if st.tread else round(n * (1 - st.sprint_drop))
-    total = 0
-    with torch.device("meta"):
-        teacher = AutoModel.from_config(conf).requires_grad_(False)
-        x = torch.empty(1, 3, st.res, st.res, requires_grad=True)
-        if st.repa:
-            proj = losses.make_projector(run.cfg.hidden, tr.projector_width, conf.hidden_size, 0, conv=tr.irepa)
-            h = torch.empty(1, run.cfg.hidden, grid, grid) if tr.irepa else torch.empty(1, n, run.cfg.hidden)
-            size = grid * conf.patch_size
-            total += (model.counted_flops(teacher, pixel_values=torch.empty(1, 3, size, size)) +
-                      3 * model.counted_flops(proj, h))
-        if tr.dino_loss:
-            loss = lambda: losses.dino_feature_loss(teacher, x, x.detach(), grid).sum().backward()
-            total += model.counted_flops(loss)
-        if tr.lpips:
-            net = losses.LPIPS().requires_grad_(False)
-            total += model.counted_flops(lambda: losses.lpips_loss(net, x, x.detach()).sum().backward())
-    return total
+def drop_param_group(opt, name):
+    """Remove AdamW's param group `name` and the state of its parameters (the optimizer no longer sees them)."""
+    for g in [g for g in opt.param_groups if g.get("name") == name]:
+        for p in g["params"]:
+            opt.state.pop(p, None)
+    opt.param_groups = [g for g in opt.param_groups if g.get("name") != name]
 
 
-def muon_step_flops(run, tr) -> int:
-    """Muon's Newton-Schulz per step: every hidden matrix once, whatever the world size (each rank does its share)."""
-    return sum(muon_lib.ns_flops(p.shape) for p in run.model.muon_params()) if tr.muon else 0
+def repa_off(run):
+    """HASTE: REPA helps early, then constrains; the teacher and projector leave with their cost."""
+    drop_param_group(run.adamw, "repa")
+    run.teacher = run.projector = None
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    log(run, "repa: off; teacher freed, projector removed from the optimizer")
 
 
-def text_bound(run) -> int:
-    """The most text tokens a batch can carry: tr.text_len, else the longest caption of the CPU track's pool."""
-    if run.tr.text_len or not run.tr.scene_pool:
-        return run.tr.text_len or run.enc.max_len
-    caps = [c for _, *cs in scenes.SceneDataset(run.tr.seed, run.tr.scene_pool).iter_captions() for c in cs]
-    return max(len(ids) for ids in run.enc.tok(caps, truncation=True, max_length=run.enc.max_len)["input_ids"])
-
-
-def compute_plan(run, tr=None) -> list[float]:
-    """Each stage's training FLOPs, planned before any step: steps x (global batch x (denoiser forward + backward as
-    model.train_flops counts them + REPA) + Muon's Newton-Schulz). An upper bound: text at its longest (the step
-    lines count each batch's real length). Not counted: the EMA and the optimizers' elementwise updates, the losses'
-    elementwise terms (contrastive), the stage-end grids and validation loss (no training)."""
-    tr = tr or run.tr
-    L, ns = run.text_max, muon_step_flops(run, tr)
-    return [st.steps * (st.batch * (model.train_flops(run.cfg, st.res, L, st.sprint_drop, st.tread) +
-                                    aux_flops(run, st, tr)) + ns) for st in tr.stages]
-
-
-def fit_budget(tr, plan, target) -> Track:
-    """`tr` with its main stage (index 1) lengthened or shortened so that its plan spends `target` FLOPs (the
-    baseline's plan) without exceeding it: every ablation variant trains on the same compute as the baseline."""
-    k, st = 1, tr.stages[1]
-    steps = st.steps + math.floor((target - sum(plan)) / (plan[k] / st.steps))
-    stages = tuple(dataclasses.replace(s, steps=max(1, steps)) if i == k else s for i, s in enumerate(tr.stages))
-    return dataclasses.replace(tr, stages=stages)
-
-
-def check_budget(run, plan):
-    if sum(plan) > run.tr.flop_budget:  # nan (no budget) never refuses
-        raise SystemExit(f"train.py: the {run.tr.name} track's stages plan {sum(plan):.4g} training FLOPs, over its "
-                         f"budget of {run.tr.flop_budget:.4g} (Track.flop_budget); shorten the stage table")
-
-
-def micro_batching(st, world) -> tuple[int, int]:
-    """(micro-batch, accumulation) per GPU: the fewest micro-batches of at most st.max_micro that split the stage's
-    per-GPU share of its fixed global batch evenly."""
-    per = st.batch // world
-    if st.batch % world:  # checked for every stage at setup
-        raise SystemExit(f"train.py: stage {st.name}'s global batch {st.batch} does not split over {world} processes; "
-                         f"use a world size that divides it (1, 2, 4, 8 nodes of 8 GPUs)")
-    accum = math.ceil(per / st.max_micro)
-    while per % accum:
-        accum += 1
-    return per // accum, accum
-
-
-def enter_stage(run, k):
-    """Switch to stage k: its data loader, and REPA alive only where the stage table says so."""
-    st, tr = run.tr.stages[k], run.tr
-    run.k, run.stage = k, st
-    run.aux_flops = aux_flops(run, st)
-    if st.ema_restart and run.step == stage_ends(tr)[k] - st.steps:  # not on a resume inside the stage
-        run.ema.load_state_dict(run.model.state_dict())
-        log(run, "ema: restarted from the weights at the stage's start")
-    if st.repa and run.teacher is None:  # REPA burn-in: frozen teacher + trainable projector (AdamW)
-        from transformers import AutoModel
-        path = run.teacher_path
-        run.teacher = AutoModel.from_pretrained(path).to(run.device).eval().requires_grad_(False)
-        d_teacher = run.teacher.config.hidden_size
-        run.projector = losses.make_projector(run.cfg.hidden, tr.projector_width, d_teacher, tr.seed + 1, tr.irepa)
-        run.projector.to(run.device)
-        run.adamw.add_param_group({"params": list(run.projector.parameters()), "name": "repa"})
-        note = " (trained once on the procedural scenes: scenes.scene_teacher)" if tr.teacher_id == "scenes" else ""
-        log(run, f"repa: teacher {path}{note} d_teacher:{run.teacher.config.hidden_size} weight:{st.repa} "
-                 f"block:{run.cfg.repa_block}{' iREPA' if tr.irepa else ''}")
-    if not st.repa and run.teacher is not None:  # HASTE: REPA helps early, then constrains; its cost leaves with it
-        for p in run.projector.parameters():
-            run.adamw.state.pop(p, None)
-        run.adamw.param_groups = [g for g in run.adamw.param_groups if g.get("name") != "repa"]
-        run.teacher = run.projector = None
-        if run.device.type == "cuda":
-            torch.cuda.empty_cache()
-        log(run, "repa: off; teacher freed, projector removed from the optimizer")
-    if run.loader is not None:  # the previous stage's worker processes end here, not at interpreter exit
+def stage_loader(run, k, st):
+    """Stage k's data: the previous loader's workers ended (with its data report), the new one at this rank's share,
+    reading the caption cache when one exists (`python prepare.py --cache`; the CPU track's is built in setup)."""
+    if run.loader is not None:
         run.loader.close()
         sd = run.loader.state_dict()
         log(run, f"data: rows skipped (bad) {sd['skipped']}, long caption missing or failed (short used) "
                  f"{sd['caption_fallbacks']}, shards skipped {sd['bad_files']}")
-    run.micro, run.accum = micro_batching(st, run.world)
-    cache = data.text_cache_dir(st.source) if st.source != "scenes" else None  # `python prepare.py --cache`
-    source = st.source
-    if st.source == "scenes" and tr.scene_pool:  # the pool and its caption cache, built in setup
-        source, cache = scenes.SceneDataset(tr.seed, tr.scene_pool), run.scene_text
-    run.loader = data.make_loader(source, st.res, run.micro, run.rank, run.world, tr.seed * 1000 + k, st.p_short,
-                                  tr.workers, cache_dir=cache)
+    source, cache = st.source, data.text_cache_dir(st.source) if st.source != "scenes" else None
+    if st.source == "scenes" and run.tr.scene_pool:  # the pool and its caption cache, built in setup
+        source, cache = scenes.SceneDataset(run.tr.seed, run.tr.scene_pool), run.scene_text
+    run.micro, run.accum = plan.micro_batching(st, run.world)
+    run.loader = data.make_loader(source, st.res, run.micro, run.rank, run.world, run.tr.seed * 1000 + k,
+                                  st.p_short, run.tr.workers, cache_dir=cache)
     run.batches = None
+    return cache
+
+
+def enter_stage(run, k):
+    """Switch to stage k: REPA on or off as the stage table says, the EMA restarted if asked, its data loader."""
+    st = run.tr.stages[k]
+    run.k, run.stage, run.aux_flops = k, st, plan.aux_flops(run, st)
+    if st.repa and run.teacher is None:
+        repa_on(run, st)
+    if not st.repa and run.teacher is not None:
+        repa_off(run)
+    if st.ema_restart and run.step == stage_ends(run.tr)[k] - st.steps:  # not on a resume inside the stage
+        run.ema.load_state_dict(run.model.state_dict())
+        log(run, "ema: restarted from the weights at the stage's start")
+    cache = stage_loader(run, k, st)
     log(run, f"stage:{k + 1} name:{st.name} res:{st.res} steps:{st.steps} batch:{st.batch} micro:{run.micro} "
              f"accum:{run.accum} p_short:{st.p_short} repa:{st.repa or 'off'} sprint_drop:{st.sprint_drop} "
              f"path_drop:{st.path_drop} lr_mult:{st.lr_mult[0]}->{st.lr_mult[1]} source:{st.source} "
@@ -599,11 +547,11 @@ def train_step(run):
         if len(batch["index"]) == 0:  # every row of this micro-batch was bad (skipped and counted by data.py)
             continue
         x0 = batch["image"].to(run.device, non_blocking=True).float().div(127.5).sub(1)
-        t, eps, drop, path_drop, keep = draw_samples(run, batch["index"], step)
-        txt, mask = text_condition(run, batch, drop)
+        d = draw_samples(run, batch["index"], step)
+        txt, mask = text_condition(run, batch, d.drop)
         with torch.autocast(run.device.type, dtype=run.amp or torch.bfloat16, enabled=run.amp is not None):
-            out = model.flow_matching_loss(run.model, x0, eps, t, txt, mask, None if st.tread else keep, path_drop,
-                                           bool(st.repa), keep if st.tread else None, tr.contrastive)
+            out = model.flow_matching_loss(run.model, x0, d.eps, d.t, txt, mask, None if st.tread else d.keep,
+                                           d.path_drop, bool(st.repa), d.keep if st.tread else None, tr.contrastive)
             aux = aux_losses(run, out, x0)
             loss = out.fm.sum() + aux.sum()
             if st.repa:
@@ -616,7 +564,7 @@ def train_step(run):
         served = served + len(out.fm)
         txt_len = txt.shape[1]
         flops += len(out.fm) * (model.train_flops(run.cfg, st.res, txt_len, st.sprint_drop, st.tread) + run.aux_flops)
-    stop = float(bool(run.flags) or time.time() - run.t0 + run.elapsed0 >= run.tr.time_cap_s)
+    stop = float(stop_reason(run) is not None)  # decided by every rank, agreed on in the all-reduce below
     stats = torch.stack([fm_sum, repa_sum, aux_sum, served, torch.tensor(stop, device=run.device)]).double()
     stats = torch.cat([stats, torch.tensor([flops], dtype=torch.float64, device=run.device)])  # float64: exact sums
     if run.world > 1:
@@ -691,10 +639,10 @@ def write_header(run):
     log(run, f"peak: spec {spec:.0f} TFLOP/s (H100 SXM dense bf16; the step line's mfu), {measured}")
     log(run, f"machine: {json.dumps(record.machine())}")
     log(run, f"hyper: {dataclasses.replace(run.tr, stages=())}")
-    plan = compute_plan(run)
+    flops = plan.compute_plan(run)
     for k, st in enumerate(run.tr.stages):
-        log(run, f"plan: stage {k + 1} {st} flops<={plan[k]:.4e}")
-    log(run, f"compute: planned <= {sum(plan):.4e} training FLOPs, budget {run.tr.flop_budget:.4e}", console=True)
+        log(run, f"plan: stage {k + 1} {st} flops<={flops[k]:.4e}")
+    log(run, f"compute: planned <= {sum(flops):.4e} training FLOPs, budget {run.tr.flop_budget:.4e}", console=True)
 
 
 def step_line(run, m, dt):
@@ -743,6 +691,16 @@ def maybe_kill(run, kill_at):
         os.kill(os.getpid(), getattr(signal, "SIG" + kill_at.split(":")[1]))
 
 
+def stop_reason(run) -> str | None:
+    """Why the run must stop early, or None: SIGTERM (preemption: save and exit 0), or the wall-clock cap (on the CPU
+    track a safety net: save, and exit 3)."""
+    if run.flags:
+        return "SIGTERM"
+    if time.time() - run.t0 + run.elapsed0 >= run.tr.time_cap_s:
+        return f"wall-clock cap {run.tr.time_cap_s:.0f} s reached: the run is incomplete and not a valid record"
+    return None
+
+
 def train_stage(run, end, bar, kill_at):
     """Optimizer steps until step `end` (the stage's last), periodic checkpoints between; returns why the run must
     stop early (SIGTERM, the wall-clock cap) or None."""
@@ -756,43 +714,70 @@ def train_stage(run, end, bar, kill_at):
         if run.step % run.tr.ckpt_every == 0 and run.step < end:
             checkpoint.save(run, "periodic", log)
         if m["stop"]:
-            return "SIGTERM" if run.flags else (f"wall-clock cap {run.tr.time_cap_s:.0f} s reached: the run is "
-                                                f"incomplete and not a valid record")
+            return stop_reason(run) or "another rank stopped"
         if run.step < end:
             maybe_kill(run, kill_at)
     return None
 
 
-# img/s per GPU of train.py's loop in each record stage, measured on one H100 (records/gpu-checks/2026-11-26, torch
-# 2.11), less the measured share of reading cached text: the dry run's time estimates (linear scaling ASSUMED)
-MEASURED_IMG_S = (273 * 0.956, 290 * 0.971, 150 * 0.984, 71 * 0.989)
+def settle_run_id(run, env) -> str:
+    """The run's id: the one a resume names, SPEEDRUN_RUN_ID, or a new one that every rank agrees on."""
+    rid = checkpoint.resume_id(env) or env.get("SPEEDRUN_RUN_ID")
+    box = [rid or f"{run.tr.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"]
+    if rid is None and run.world > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
-def dry_run(tr, world):
-    """The plan of every stage at `world` GPUs, printed: what changes with the world size, nothing trained."""
-    cfg = model.PRESETS[tr.preset]  # T5Gemma-2B's width
-    with torch.device("meta"):
-        shapes = [tuple(p.shape) for p in model.PRX(cfg).muon_params()]
-    buckets = {sh: shapes.count(sh) for sh in shapes}
-    mine = sum(muon_lib.ns_flops(sh) * math.ceil(n / world) for sh, n in buckets.items())  # the busiest rank's share
-    rows = {n: data.SOURCES[n]["rows"] * (1 - data.HELDOUT_PERMILLE / 1000) for n in data.SOURCES}
-    total_h = 0.0
-    print(f"dry run: track {tr.name}, {world} GPUs, {len(shapes)} Muon matrices in {len(buckets)} shapes; Newton-"
-          f"Schulz on the busiest rank: {mine / sum(muon_lib.ns_flops(sh) for sh in shapes):.0%} of all (1/world = "
-          f"{1 / world:.0%})")
-    for k, st in enumerate(tr.stages):
-        micro, accum = micro_batching(st, world)
-        images = st.steps * st.batch
-        epochs, rate = images / sum(rows[n] for n in data.leaves(st.source)), MEASURED_IMG_S[k]
-        hours = images / (world * rate) / 3600
-        total_h += hours
-        flops = model.train_flops(cfg, st.res, tr.text_len or 32, st.sprint_drop, st.tread)
-        print(f"  stage {k + 1} {st.name} {st.res} px: global batch {st.batch} = {world} x {st.batch // world} "
-              f"(micro {micro} x accum {accum}), {st.steps} steps, {images / 1e6:.1f} M images ({epochs:.1f} epochs "
-              f"of {st.source}), {flops / 1e12:.2f} TFLOP per image, ~{hours:.2f} h at {rate:.0f} img/s per GPU")
-    print(f"  total ~{total_h:.1f} h of training (ESTIMATE: one H100's measured rates x {world}, linear scaling "
-          f"assumed), budget {tr.time_cap_s / 3600:.0f} h")
-    return 0
+def start_or_resume(run, ckpt, contents):
+    """The log opened; a new run writes its header, a resume restores everything in one place: weights, EMA, step,
+    clock and RNG, then the stage it continues with its data position, projector and optimizer states."""
+    if run.rank == 0:
+        (run.out / "logs").mkdir(parents=True, exist_ok=True)
+        run.logf = open(run.out / "logs" / f"{run.id}.txt", "a")  # noqa: SIM115 (open for the whole run)
+    run.t0 = time.time()
+    if ckpt is None:
+        return write_header(run)
+    log(run, f"resume: {record.source_hashes()}")
+    state = checkpoint.restore_weights(run, contents)
+    log(run, f"resumed from {ckpt} at step:{run.step} elapsed_s:{run.elapsed0:.1f}", console=True)
+    if run.step < stage_ends(run.tr)[-1]:
+        enter_stage(run, stage_at(run.tr, run.step))
+        checkpoint.restore_stage(run, state)
+
+
+def end_of_stage(run, k, why, kill_at) -> int | None:
+    """After stage k's steps: its grid, validation loss and checkpoint when complete; the exit code if the run stops
+    here (SIGTERM: 0, an expected stop; the wall-clock cap: 3), else None."""
+    if run.step == stage_ends(run.tr)[k]:
+        if run.rank == 0:
+            stage_grid(run)
+            binned_val_loss(run)
+        checkpoint.save(run, f"end of stage {k + 1}", log)
+        maybe_kill(run, kill_at)
+    if why and run.step < stage_ends(run.tr)[-1]:
+        checkpoint.save(run, why, log)
+        log(run, f"STOP: {why}; saved at step {run.step}; resume with SPEEDRUN_RESUME={run.id}", console=True)
+        return 0 if run.flags else 3
+    return None
+
+
+def finish(run, bar, code) -> int:
+    """Nothing is lost: the last write lands, the loader's workers end, `done:` is logged, the lock is freed."""
+    bar.close()
+    run.writer.wait()
+    if run.loader is not None:
+        run.loader.close()
+    if run.step >= stage_ends(run.tr)[-1]:
+        wall = time.time() - run.t0 + run.elapsed0
+        log(run, f"done: track:{run.tr.name} steps:{run.step} wall_s:{wall:.1f} flops:{run.flops:.6e} (the clock "
+                 f"covers everything after setup: data, teacher, sample grids, checkpoints)", console=True)
+    if run.rank == 0:
+        run.logf.close()
+        run.lock.close()  # the run directory is free again (a process's exit frees it too)
+    if run.world > 1:
+        dist.destroy_process_group()
+    return code
 
 
 def main(env=os.environ):
@@ -800,74 +785,29 @@ def main(env=os.environ):
         tr = select_track(dict(env, SPEEDRUN_TRACK=env.get("SPEEDRUN_TRACK") or "record"))
         if tr.name != "record":
             raise SystemExit("train.py: SPEEDRUN_DRY_RUN plans the record track (its stages at a number of GPUs)")
-        return dry_run(tr, env_value(env, "SPEEDRUN_DRY_RUN", int, "8", minimum=1))
-    out, rank = Path(env.get("SPEEDRUN_OUT", ".")).resolve(), int(env.get("RANK", 0))
-    rid = checkpoint.resume_id(env) or env.get("SPEEDRUN_RUN_ID")
-    lock = checkpoint.lock_run(out, rid, rank) if rid else None  # checked before the minutes of setup
-    ckpt, contents = checkpoint.find_resume_checkpoint(out, rid) if env.get("SPEEDRUN_RESUME") else (None, None)
-    run = setup(env)
-    run.lock = lock
-    if rid is None:  # a new id, one for all ranks
-        box = [f"{run.tr.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"]
-        if run.world > 1:
-            dist.broadcast_object_list(box, src=0)
-        rid = box[0]
-        run.lock = checkpoint.lock_run(out, rid, run.rank)
-    run.id = rid
-    if run.rank == 0:
-        (run.out / "logs").mkdir(parents=True, exist_ok=True)
-        run.logf = open(run.out / "logs" / f"{run.id}.txt", "a")  # noqa: SIM115 (open for the whole run)
-    run.t0 = time.time()
-    resumed = None  # a resume's state for the stage it continues (restore_stage)
-    if ckpt is None:
-        write_header(run)
-    else:
-        log(run, f"resume: {record.source_hashes()}")
-        resumed = checkpoint.restore_weights(run, contents)
-        log(run, f"resumed from {ckpt} at step:{run.step} elapsed_s:{run.elapsed0:.1f}", console=True)
+        return plan.dry_run(tr, env_value(env, "SPEEDRUN_DRY_RUN", int, "8", minimum=1))
+    run = init_process(env)
+    run.id = settle_run_id(run, env)
+    run.lock = checkpoint.lock_run(run.out, run.id, run.rank)  # before the minutes of setup: one run per folder
+    resume = checkpoint.find_resume_checkpoint(run.out, run.id) if env.get("SPEEDRUN_RESUME") else (None, None)
+    setup(env, run=run)
+    start_or_resume(run, *resume)
     signal.signal(signal.SIGTERM, lambda *_: run.flags.update(sigterm=True))  # SIGTERM: save, then exit cleanly
-    kill_at = env.get("SPEEDRUN_KILL_AT", "")
-    ends = stage_ends(run.tr)
-    total = ends[-1]
-    bar = tqdm(total=total, initial=run.step, disable=run.rank != 0, desc=f"{run.tr.name} track", dynamic_ncols=True)
-    code = 0
+    kill_at, code = env.get("SPEEDRUN_KILL_AT", ""), None
+    bar = tqdm(total=stage_ends(run.tr)[-1], initial=run.step, disable=run.rank != 0, desc=f"{run.tr.name} track",
+               dynamic_ncols=True)
     for k in range(stage_at(run.tr, run.step), len(run.tr.stages)):  # the spine: stage by stage
-        enter_stage(run, k)
-        if resumed is not None:  # the stage a resume continues: its data position, projector and optimizer states
-            checkpoint.restore_stage(run, resumed)
-            resumed = None
+        if run.stage is None or run.k != k:  # (a resume entered its stage already)
+            enter_stage(run, k)
         try:
-            why = train_stage(run, ends[k], bar, kill_at)
+            code = end_of_stage(run, k, train_stage(run, stage_ends(run.tr)[k], bar, kill_at), kill_at)
         except FloatingPointError as e:
             last = checkpoint.latest_checkpoint(checkpoint.checkpoint_dir(run.out, run.id))
             log(run, f"STOP: {e}; the run stops here, last good checkpoint: {last}", console=True)
             code = 1
+        if code is not None:
             break
-        if run.step == ends[k]:  # the stage is complete: its grid, validation loss and checkpoint
-            if run.rank == 0:
-                stage_grid(run)
-                binned_val_loss(run)
-            checkpoint.save(run, f"end of stage {k + 1}", log)
-            maybe_kill(run, kill_at)
-        if why and run.step < total:
-            checkpoint.save(run, why, log)
-            log(run, f"STOP: {why}; saved at step {run.step}; resume with SPEEDRUN_RESUME={run.id}", console=True)
-            code = 0 if run.flags else 3  # SIGTERM (preemption) is an expected stop; the cap is not
-            break
-    bar.close()
-    run.writer.wait()  # nothing is lost: the last write lands before the run reports
-    if run.loader is not None:
-        run.loader.close()
-    if run.step >= total:
-        wall = time.time() - run.t0 + run.elapsed0
-        log(run, f"done: track:{run.tr.name} steps:{total} wall_s:{wall:.1f} flops:{run.flops:.6e} (the clock covers "
-                 f"everything after setup: data, teacher, sample grids, checkpoints)", console=True)
-    if run.rank == 0:
-        run.logf.close()
-        run.lock.close()  # the run directory is free again (a process's exit frees it too)
-    if run.world > 1:
-        dist.destroy_process_group()
-    return code
+    return finish(run, bar, code or 0)
 
 
 if __name__ == "__main__":

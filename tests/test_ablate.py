@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY, env_for
+from conftest import TINY, env_for
 
 import ablate
+import plan
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,14 +171,14 @@ def test_every_variant_spends_the_baselines_compute(tmp_path):
     within one main step (never more); a cheaper lever (AdamW: no Newton-Schulz) buys more main steps."""
     env = env_for(tmp_path, SPEEDRUN_STEPS_SCALE="0.2")
     base = train.setup(env)
-    want = sum(train.compute_plan(base))
+    want = sum(plan.compute_plan(base))
     steps = {}
     for name in train.VARIANTS:
         tr = train.select_track(dict(env, SPEEDRUN_VARIANT=name))
-        tr = train.fit_budget(tr, train.compute_plan(base, tr), want)
-        plan = train.compute_plan(base, tr)
-        one_step = plan[1] / tr.stages[1].steps
-        assert want - one_step < sum(plan) <= want, name
+        tr = plan.fit_budget(tr, plan.compute_plan(base, tr), want)
+        planned = plan.compute_plan(base, tr)
+        one_step = planned[1] / tr.stages[1].steps
+        assert want - one_step < sum(planned) <= want, name
         assert changed(base.tr, tr) - {(1, "steps")} == EXPECTED[name], name
         steps[name] = tr.stages[1].steps
     run = train.setup(dict(env, SPEEDRUN_VARIANT="adamw-only"))  # setup fits the variant it runs

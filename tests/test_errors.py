@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import cpu_env, env_for, main_in_process
+from conftest import cpu_env, env_for, main_in_process
 
 import checkpoint
 

@@ -2,11 +2,9 @@
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import itertools
 
@@ -290,13 +288,13 @@ def test_protocol_blocks_are_hashed():
 
 
 def test_record_eval_set_is_the_heldout_split(tmp_path, monkeypatch):
-    import test_data
+    from conftest import _ids, _shard
 
     import data
 
-    ids = test_data._ids(20, heldout=3)
+    ids = _ids(20, heldout=3)
     (tmp_path / "mj-llava").mkdir()
-    test_data._shard(tmp_path / "mj-llava" / "train_000.parquet", ids, np.random.default_rng(0))
+    _shard(tmp_path / "mj-llava" / "train_000.parquet", ids, np.random.default_rng(0))
     monkeypatch.setattr(data, "DATA_ROOT", tmp_path)
     prompts, image, check = ev.eval_set("record", 3, 32)
     assert prompts == [f"a long caption of {i}" for i in ids if data.is_heldout(i)]  # long captions of held-out rows

@@ -5,18 +5,10 @@ import zipfile
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_lpips
 from safetensors.torch import save_file
 
 import losses
-
-
-def random_lpips(seed=0):
-    torch.manual_seed(seed)
-    net = losses.LPIPS()
-    with torch.no_grad():
-        for lin in net.lins:
-            lin.weight.uniform_(0, 1)  # LPIPS' layers are non-negative
-    return net.eval().requires_grad_(False)
 
 
 def test_lpips_matches_a_direct_computation_of_its_definition():

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 import checkpoint
 import data
 import eval as evaluation
+import leaderboard
 import record
 
 
@@ -137,7 +138,7 @@ def test_leaderboard_regeneration(tmp_path):
                   date="2025-01-01", description="first")
     for p in (tmp_path / "README.md", root / "README.md"):
         p.write_text("# T\n\n<!-- records:start -->\nold\n<!-- records:end -->\n\nafter\n")
-    assert len(record.write_leaderboard(root, (tmp_path / "README.md", root / "README.md"))) == 2
+    assert len(leaderboard.write_leaderboard(root, (tmp_path / "README.md", root / "README.md"))) == 2
     head = ("| # | FID | CMMD | DINO-MMD | adherence held-out / train | N | wall clock | training FLOPs | hardware "
             "| date | description | folder |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     expected = ("### cpu track, protocol v2\n\n" + head +  # newest first, numbered by date, the current one marked
@@ -153,4 +154,4 @@ def test_leaderboard_regeneration(tmp_path):
     assert "[cpu/2025-01-01_a](records/cpu/2025-01-01_a)" in (tmp_path / "README.md").read_text()
 
 
-    assert record.one_line("x" * 200).endswith("…") and len(record.one_line("x" * 200)) == 90
+    assert leaderboard.one_line("x" * 200).endswith("…") and len(leaderboard.one_line("x" * 200)) == 90

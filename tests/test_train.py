@@ -16,31 +16,26 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import TINY, cpu_env, env_for, main_in_process, random_lpips
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
 import checkpoint
 import data
 import eval as evaluation
+import leaderboard
 import losses
 import model
 import muon
+import plan
 import record
 import scenes
 import text
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-HELPER = ROOT / "tests" / "train_dist_helper.py"
+HELPER = ["-m", "tests.train_dist_helper"]  # run from the repository root
 SCALE = "0.04"  # the CPU track at 4 % of its steps: 6 / 30 / 4 / 3 steps
-# 32 px (4x4 tokens of 8 px), global batch 4 in micro-batches of 2: accumulation, REPA, SPRINT, mixed captions
-TINY = dataclasses.replace(train.CPU, warmup=2, ckpt_every=1000, flop_budget=math.nan, stages=(
-    train.Stage("burn-in", 32, 2, 4, 2, 0.0, 0.5, 0.0, 0.0, (1.0, 1.0), "scenes"),
-    train.Stage("main", 32, 2, 4, 2, 0.0, 0.0, 0.0, 0.0, (1.0, 1.0), "scenes"),
-    train.Stage("high-res", 32, 2, 4, 2, 0.0, 0.0, 0.75, 0.5, (1.0, 1.0), "scenes"),
-    train.Stage("sft", 32, 3, 4, 2, 0.5, 0.0, 0.0, 0.5, (1.0, 0.0), "scenes")))
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """2 shared cores: one thread per process avoids OpenMP oversubscription (100x slowdowns seen here)."""
@@ -48,12 +43,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def env_for(out, **kw):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPEEDRUN_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    env.update(OMP_NUM_THREADS="1", SPEEDRUN_TRACK="cpu", SPEEDRUN_OUT=str(out), **kw)
-    return env
 
 
 def run_train(out, timeout=240, **kw):
@@ -109,9 +98,9 @@ def test_two_processes_match_one(tmp_path):
     launch = [sys.executable, "-m", "torch.distributed.run"]
     rdzv = [f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-backend=c10d", "--rdzv-id=nodes", "--nnodes=2",
             "--nproc-per-node=1"]
-    for name, cmds in (("two", [launch + ["--standalone", "--nproc_per_node=2", str(HELPER)]]),
-                       ("one", [[sys.executable, str(HELPER)]]),
-                       ("nodes", [launch + rdzv + [str(HELPER)]] * 2)):
+    for name, cmds in (("two", [launch + ["--standalone", "--nproc_per_node=2", *HELPER]]),
+                       ("one", [[sys.executable, *HELPER]]),
+                       ("nodes", [launch + rdzv + HELPER] * 2)):
         procs = [subprocess.Popen(cmd + [str(tmp_path / name)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for cmd in cmds]
         for r in procs:
@@ -226,7 +215,7 @@ def test_flops_counted_per_step_and_planned(tmp_path, monkeypatch, track):
     monkeypatch.setattr(train, "text_condition", lambda *a: lens.append(text_condition(*a)) or lens[-1])
     ns = sum(muon.ns_flops(p.shape) for p in run.model.muon_params())
     assert run.ns_flops == ns > 0
-    plan = train.compute_plan(run)
+    planned = plan.compute_plan(run)
     for k, st in enumerate(track.stages):
         train.enter_stage(run, k)
         grid, aux = st.res // run.cfg.patch, 0
@@ -250,14 +239,13 @@ def test_flops_counted_per_step_and_planned(tmp_path, monkeypatch, track):
         want = sum(len(t) * (model.train_flops(run.cfg, st.res, t.shape[1], st.sprint_drop, st.tread) + aux)
                    for t, _ in lens)
         assert run.flops - before == want + ns
-        assert plan[k] / st.steps >= want + ns  # the plan is an upper bound per step
-    assert plan[0] > plan[1]  # REPA is counted in the burn-in's plan
+        assert planned[k] / st.steps >= want + ns  # the plan is an upper bound per step
+    assert planned[0] > planned[1]  # REPA is counted in the burn-in's plan
 
 
 def test_levers_train_as_named(tmp_path):
     """TREAD, iREPA, v-prediction, Contrastive FM, the DINO and LPIPS losses in one run: each is where it says, the
     auxiliary terms reach the step line, and the fine-tune's EMA restarts at its first step (not on a resume)."""
-    from test_losses import random_lpips
 
     track = dataclasses.replace(LEVERS, pred="v", stages=LEVERS.stages[:3] + (
         dataclasses.replace(LEVERS.stages[3], ema_restart=True),))
@@ -285,28 +273,13 @@ def test_levers_train_as_named(tmp_path):
 def test_over_budget_recipe_stops_at_setup(tmp_path):
     with pytest.raises(SystemExit, match=r"^train.py: the cpu track's stages plan .* over its budget of 1e\+09"):
         make_run(tmp_path, dataclasses.replace(TINY, flop_budget=1e9))
-    run = make_run(tmp_path, dataclasses.replace(TINY, flop_budget=sum(train.compute_plan(make_run(tmp_path)))))
+    run = make_run(tmp_path, dataclasses.replace(TINY, flop_budget=sum(plan.compute_plan(make_run(tmp_path)))))
     assert run.tr.flop_budget > 0  # exactly at the budget is allowed
 
 
 def logged(log, tag, key):
     """The value after `key` on the log's last line that starts with `tag` (not the embedded sources' text)."""
     return re.findall(rf"^{tag} .*?{re.escape(key)}(\S+)", log, re.MULTILINE)[-1]
-
-
-def cpu_env(out, **kw):
-    env = env_for(out, SPEEDRUN_STEPS_SCALE="0.01", **kw)  # 2 / 10 / 1 / 1 steps
-    env.pop("SPEEDRUN_TRACK")
-    return env
-
-
-def main_in_process(env):
-    """train.main in this process, restoring the SIGTERM handler it installs."""
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        return train.main(env)
-    finally:
-        signal.signal(signal.SIGTERM, handler)
 
 
 def test_time_cap_saves_and_stops(tmp_path):
@@ -396,7 +369,7 @@ def test_record_from_the_log_verifies_reevaluates_and_extracts(reference, tmp_pa
     out = reference
     ckpt = checkpoint.latest_checkpoint(out / "checkpoints" / "ref")
     monkeypatch.setattr(evaluation, "CACHE_DIR", tmp_path / "eval-cache")
-    d = record.make_record("cpu", ckpt, [out / "logs" / "ref.txt"], "t", n=8, root=tmp_path / "records")
+    d = leaderboard.make_record("cpu", ckpt, [out / "logs" / "ref.txt"], "t", n=8, root=tmp_path / "records")
     assert sorted(p.name for p in d.iterdir()) == ["README.md", "loss.png", "metrics.json", "ref.txt", "samples.png"]
     meta = json.loads((d / "metrics.json").read_text())
     assert meta["n"] == 8 and meta["code_hashes"]["model.py"] == data.file_sha256(ROOT / "model.py")
@@ -555,7 +528,7 @@ def test_dry_run_prints_each_stage_at_a_world_size():
         assert f"stage 1 burn-in 512 px: global batch 1024 = {world} x {per} (micro {micro} x accum {per // micro})" \
             in lines[1] and "25.6 M images" in lines[1] and "of prx-data" in lines[1]
         hours = sum(s.steps * s.batch / (world * rate) / 3600 for s, rate in zip(train.RECORD.stages,
-                                                                                  train.MEASURED_IMG_S))
+                                                                                  plan.MEASURED_IMG_S))
         assert lines[-1].startswith(f"  total ~{hours:.1f} h of training (ESTIMATE")
     r = subprocess.run([sys.executable, str(ROOT / "train.py")], env=dict(env, SPEEDRUN_DRY_RUN="24"),
                        capture_output=True, text=True, timeout=60, check=False)

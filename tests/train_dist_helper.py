@@ -3,14 +3,12 @@ then the weights (rank 0) and a distributed-Muon-only step on an odd number of m
 tests/test_train.py both as one process and under `torchrun --standalone --nproc_per_node=2` (gloo):
 the results must agree (world-size invariance).
 
-    python tests/train_dist_helper.py OUT_DIR        # or: torchrun --standalone --nproc_per_node=2 ...
+    python -m tests.train_dist_helper OUT  # or: torchrun --standalone --nproc_per_node=2 -m tests.train_dist_helper OUT
 """
 import dataclasses
 import os
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from safetensors.torch import save_file

@@ -1,6 +1,6 @@
 """CPU-track diagnosis: train a variant of train.CPU in-process and score it quickly (issue 9's experiments).
 
-    python tests/cpu_diag.py NAME '{"shift_base": 16, "res": [64, 64, 96, 96], "model": {"rope_grid": 8}}'
+    python -m tools.cpu_diag NAME '{"shift_base": 16, "res": [64, 64, 96, 96], "model": {"rope_grid": 8}}'
 
 Overrides: any Track field; per-stage lists "res", "steps", "batch", "max_micro", "repa", "sprint_drop";
 "model" (fields of the
@@ -12,11 +12,9 @@ One process, the machine's threads: faster than the README's torchrun (2 process
 """
 import dataclasses
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 import checkpoint

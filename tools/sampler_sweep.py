@@ -1,13 +1,11 @@
 """Evaluate one checkpoint under the CPU protocol with other samplers (not the protocol: each row says what differs):
 FID, held-out and training-prompt adherence, and the evaluation's seconds, one JSON line per setting.
 
-    python tests/sampler_sweep.py CKPT euler:8:6 euler:16:6 heun:8:6 ...   # method:steps:shift [n_train]
+    python -m tools.sampler_sweep CKPT euler:8:6 euler:16:6 heun:8:6 ...   # method:steps:shift [n_train]
 """
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as evaluation
 
 

@@ -1,15 +1,12 @@
 """Speed of model.py's PRX against diffusers' PRXTransformer2DModel on this machine (CPU): forward + backward per
 sample at the same small configuration, interleaved so that other load hits both alike.
 
-    python tests/bench_model.py
+    python -m tools.bench_model
 """
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import PRX, PRXConfig, load_diffusers_state_dict
 
 

@@ -1,9 +1,9 @@
 """
 GPU readiness check: does the record track run, fit and reach its speed on one GPU? One script, about 8 minutes.
 
-    python tests/gpu_check.py [--out DIR]   # on a CUDA GPU: the 1.2B preset at the record track's micro-batches
+    python -m tools.gpu_check [--out DIR]   # on a CUDA GPU: the 1.2B preset at the record track's micro-batches
                                             # (no pip install there: the device image's torch 2.11 + transformers do)
-    python tests/gpu_check.py --cpu         # anywhere: the tiny preset at small sizes, in seconds
+    python -m tools.gpu_check --cpu         # anywhere: the tiny preset at small sizes, in seconds
 
 In order:
 1. Build anywhere: model.PRX(cfg) under torch.device("cuda") and torch.device("meta").
@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import losses
 import model
 import muon
@@ -244,10 +243,10 @@ def loop_child(cpu, out, steps):
 
 def run_loop(cpu, out, steps):
     """The loop in a child process, so that the time from `done:` to the process's exit is measured."""
-    cmd = [sys.executable, __file__, "--loop-child", "--steps", str(steps)] + (["--cpu"] if cpu else []) + \
-        (["--out", str(out)] if out else [])
+    cmd = [sys.executable, "-m", "tools.gpu_check", "--loop-child", "--steps", str(steps)] + \
+        (["--cpu"] if cpu else []) + (["--out", str(out)] if out else [])
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                             env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=Path(__file__).resolve().parents[1])
     lines, t_done = [], None
     for line in child.stdout:
         print(line, end="", flush=True)

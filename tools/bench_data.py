@@ -1,13 +1,11 @@
 """The loader's images/s per worker (one thread): the raw hub shards (decode + resize + crop per sample) against the
 training-ready shards of prepare.prepare_images, and the candidate formats of those shards, on photo-like JPEGs.
 
-    python tests/bench_data.py        # or: python prepare.py --bench
+    python -m tools.bench_data        # or: python prepare.py --bench
 """
 import io
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +13,6 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import ParquetSource, decode_image
 from prepare import prepare_images
 
