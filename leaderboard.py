@@ -6,13 +6,22 @@ evaluation, the grid, the loss curve, metrics.json), and the leaderboard tables 
 import datetime
 import json
 import os
+import platform
 import re
 from pathlib import Path
 
 import torch
 
 import data
-from record import HERE, describe_machine, embedded_sources, parse_log, parse_machine, parse_val_loss
+from record import HERE, embedded_sources, parse_log, parse_machine, parse_val_loss
+
+
+def describe_machine(m: dict | None) -> str:
+    """One line for the leaderboard's hardware column (the evaluating machine for logs without a machine line)."""
+    if m is None:
+        return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (the evaluating machine)"
+    gpus = f"{len(m['gpus'])}x {m['gpus'][0]}, " if m["gpus"] else ""
+    return f"{gpus}{m['cpu']}, {m['cores']} cores ({m['torch_cpu_capability']}: {m['vector']})"
 
 
 def loss_curve(logs, path):

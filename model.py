@@ -1,23 +1,20 @@
 """
 model.py: the PRX text-to-image denoiser in pixel space, in one file.
 
-  PRX (Photoroom 2025; diffusers `PRXTransformer2DModel`): image tokens are the only queries; they
-  attend over [text keys ; image keys]; text is projected once and never updated.
-  JiT (Li & He 2025, "Back to Basics"): the network sees 32x32 RGB patches (no VAE) through a
-  low-rank bottleneck and predicts the clean image x0.
-  SPRINT (Park et al. 2025): the middle blocks see 25 % of the tokens; a fusion layer merges the
-  sparse deep path with the dense shallow path.
+  PRX (Photoroom 2025; diffusers `PRXTransformer2DModel`): image tokens are the only queries; they attend over
+  [text keys ; image keys]; text is projected once and never updated.
+  JiT (Li & He 2025, "Back to Basics"): 32x32 RGB patches (no VAE) through a low-rank bottleneck; predicts x0.
+  SPRINT (Park et al. 2025): the middle blocks see 25 % of the tokens; a fusion layer merges the sparse deep path
+  with the dense shallow path.
   TREAD (Krause et al. 2025): a random share of the tokens skips a span of blocks and rejoins after it.
   REPA (Yu et al. 2024): the forward can hand out the hidden states after one block (the loss: losses.py).
 
-Conventions (PRX, SD3, REPA, SPRINT): x_t = (1 - t) x0 + t eps, t = 0 is data; pixels in [-1, 1];
-text padded on the right, txt_mask True for real tokens.
+Conventions (PRX, SD3): x_t = (1 - t) x0 + t eps, t = 0 is data; pixels in [-1, 1]; text padded on the right,
+txt_mask True for real tokens.
 """
-
 import itertools
 import math
 import re
-import time
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -28,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 # ======================================================================================================================
-# Config
+# Config and presets
 
 
 @dataclass(frozen=True)
@@ -140,7 +137,7 @@ def tread_keep_indices(batch, n, route, generator=None):
 
 
 # ======================================================================================================================
-# The PRX block
+# The PRX block and the denoiser
 
 
 class RMSNorm(nn.RMSNorm):
@@ -186,12 +183,8 @@ class Block(nn.Module):
         return x + gate2 * self.down(F.gelu(self.gate(h), approximate="tanh") * self.up(h))
 
 
-# ======================================================================================================================
-# The denoiser
-
-
-# The text padding mask keeps SDPA off flash attention. On an H100 (torch 2.11) cuDNN's kernel ran the masked
-# attention of a 512 px block in 1.62 ms vs 2.14 ms for the default choice (fwd+bwd, batch 64; README Performance).
+# The denoiser. The text padding mask keeps SDPA off flash attention. On an H100 (torch 2.11) cuDNN's kernel ran the
+# masked attention of a 512 px block in 1.62 ms vs 2.14 ms for the default choice (fwd+bwd, batch 64; gpu-checks).
 # The first backend that accepts the inputs runs; all are exact. CPUs have neither cuDNN nor this choice: unchanged.
 MASKED_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                      SDPBackend.MATH]
@@ -442,30 +435,12 @@ def counted_flops(fn, *args, **kwargs) -> int:
     return fc.get_total_flops()
 
 
-def peak_matmul_flops(device, dtype=torch.bfloat16, n=8192, reps=20):
-    """Dense matmul FLOP/s of this device (after 3 warm-ups): mfu_measured's denominator (train.py, gpu_check)."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
 def count_params(cfg: PRXConfig) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in PRX(cfg).parameters())
 
 
-# ======================================================================================================================
-# `python model.py`: parameter count and FLOPs (speed against diffusers' PRX: `python -m tools.bench_model`)
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # parameter count and FLOPs (speed against diffusers' PRX: `python -m tools.bench_model`)
     for name, cfg in PRESETS.items():
         f512, f1024 = train_flops(cfg, 16 * cfg.patch), train_flops(cfg, 32 * cfg.patch)
         f1024s = train_flops(cfg, 32 * cfg.patch, drop_ratio=0.75)

@@ -6,6 +6,7 @@ train.py calls it with its Run and Track objects (fields: tr, cfg, model, enc, t
 """
 import dataclasses
 import math
+import time
 
 import torch
 
@@ -100,6 +101,20 @@ def micro_batching(st, world) -> tuple[int, int]:
     while per % accum:
         accum += 1
     return per // accum, accum
+
+
+def peak_matmul_flops(device, dtype=torch.bfloat16, n=8192, reps=20):
+    """Dense matmul FLOP/s of this device (after 3 warm-ups): mfu_measured's denominator (train.py, gpu_check)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
 # img/s per GPU of train.py's loop in each record stage, measured on one H100 (records/gpu-checks/2026-11-26, torch

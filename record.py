@@ -97,14 +97,6 @@ def parse_machine(text: str) -> dict | None:
     return json.loads(m[-1]) if m else None
 
 
-def describe_machine(m: dict | None) -> str:
-    """One line for the leaderboard's hardware column (the evaluating machine for logs without a machine line)."""
-    if m is None:
-        return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (the evaluating machine)"
-    gpus = f"{len(m['gpus'])}x {m['gpus'][0]}, " if m["gpus"] else ""
-    return f"{gpus}{m['cpu']}, {m['cores']} cores ({m['torch_cpu_capability']}: {m['vector']})"
-
-
 def source_hashes() -> str:
     """`name:sha256:hex` of every source (the line a resumed run logs: the code may have changed)."""
     return " ".join(f"{n}:sha256:{data.file_sha256(HERE / n)}" for n in SOURCES)

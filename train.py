@@ -356,7 +356,7 @@ def setup(env=os.environ, track=None, run=None) -> Run:
     run = run or init_process(env, track)
     cuda = run.device.type == "cuda"
     if cuda:
-        run.peak_measured = model.peak_matmul_flops(run.device)  # this card's bf16 matmul peak, beside the spec's
+        run.peak_measured = plan.peak_matmul_flops(run.device)  # this card's bf16 matmul peak, beside the spec's
     run.enc = text.TextEncoder.from_name(run.tr.text_encoder, run.device)
     run.cfg = dataclasses.replace(model.PRESETS[run.tr.preset], text_dim=run.enc.dim, pred=run.tr.pred)
     torch.manual_seed(run.tr.seed)  # every rank builds the same initial weights

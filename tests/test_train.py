@@ -369,6 +369,7 @@ def test_record_from_the_log_verifies_reevaluates_and_extracts(reference, tmp_pa
     out = reference
     ckpt = checkpoint.latest_checkpoint(out / "checkpoints" / "ref")
     monkeypatch.setattr(evaluation, "CACHE_DIR", tmp_path / "eval-cache")
+    monkeypatch.setitem(evaluation.PROTOCOLS, "cpu", dict(evaluation.PROTOCOLS["cpu"], n_train=8))  # 8, not 200
     d = leaderboard.make_record("cpu", ckpt, [out / "logs" / "ref.txt"], "t", n=8, root=tmp_path / "records")
     assert sorted(p.name for p in d.iterdir()) == ["README.md", "loss.png", "metrics.json", "ref.txt", "samples.png"]
     meta = json.loads((d / "metrics.json").read_text())

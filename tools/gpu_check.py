@@ -41,6 +41,7 @@ import torch
 import losses
 import model
 import muon
+import plan
 import train
 
 
@@ -399,7 +400,7 @@ def main(argv=None):
     for w, name, ns, fb, share in muon_cost_model(model.PRESETS[train.RECORD.preset], train.RECORD.stages):
         print(f"  world {w}  {name:9s} NS {ns:.3e}  model {fb:.3e}  Muon share {100 * share:.2f} %")
 
-    peak = model.peak_matmul_flops(device, torch.float32, 512, 5) if cpu else model.peak_matmul_flops(device)
+    peak = plan.peak_matmul_flops(device, torch.float32, 512, 5) if cpu else plan.peak_matmul_flops(device)
     print(f"\nmeasured matmul peak: {peak / 1e12:.3g} TFLOP/s ({'bf16' if not cpu else 'fp32'})")
 
     torch.manual_seed(0)
