@@ -76,6 +76,29 @@ def dino_feature_loss(teacher, x0_hat, x0, grid):
     return 1 - F.cosine_similarity(dino_tokens(teacher, x0_hat, grid).mean(1).float(), real.float(), dim=-1)
 
 
+def load_critics(dino, lpips, teacher_path, cache, device) -> dict:
+    """The perceptual losses' frozen networks, for the whole run: the REPA teacher's model for the DINO feature loss
+    (PRX: DINOv2-B with registers, the record track's teacher), LPIPS' VGG16 with its layers from cache/lpips."""
+    from transformers import AutoModel
+    critics = {}
+    if dino:
+        critics["dino"] = AutoModel.from_pretrained(teacher_path).to(device).eval().requires_grad_(False)
+    if lpips:
+        critics["lpips"] = LPIPS.from_pretrained(cache / "lpips" / "vgg.pth").to(device)
+    return critics
+
+
+def aux_losses(out, x0, critics, tr, grid):
+    """The levers' extra loss terms per sample (weighted): Contrastive Flow Matching's (model.flow_matching_loss
+    computed it), PRX Part 3's perceptual ones on the predicted clean image."""
+    aux = out.contrast if out.contrast is not None else torch.zeros_like(out.fm)
+    if "dino" in critics:
+        aux = aux + tr.dino_loss * dino_feature_loss(critics["dino"], out.x0_hat, x0, grid)
+    if "lpips" in critics:
+        aux = aux + tr.lpips * lpips_loss(critics["lpips"], out.x0_hat, x0)
+    return aux
+
+
 # ======================================================================================================================
 # LPIPS
 

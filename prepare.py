@@ -196,14 +196,14 @@ def cache_report(folder, gpus=8):
         print(f"  {stage}: {gpus} GPUs x {rate} img/s need {gpus * rate * per / 1e6:.1f} MB/s of cache reads")
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sources", nargs="*", default=list(SOURCES), help="default: every data.SOURCES entry")
     ap.add_argument("--root", default=str(data.DATA_ROOT))
     ap.add_argument("--encoder", default=text.T5GEMMA)
     for flag in ("--cache", "--bench", "--prepare"):
         ap.add_argument(flag, action="store_true")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     bad = [n for n in a.sources if n not in SOURCES]
     if bad:
         ap.error(f"unknown source {', '.join(map(repr, bad))}; choose from: {', '.join(SOURCES)}")

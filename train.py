@@ -5,8 +5,7 @@ train.py: the staged speedrun trainer for a pixel-space PRX-1.2B text-to-image d
 
 Track: "record" (CUDA: one node of 8 x H100 80 GB, 24 h) or "cpu" (the same four stages in miniature, a budget of
 training FLOPs: ~7 min on 2 cores); default record if CUDA is available, else cpu; SPEEDRUN_TRACK=record|cpu picks
-one. The file is the experiment: every hyperparameter is in the two tables below. Optional env (tests, development,
-preemption):
+one. The file is the experiment: every hyperparameter is in the two tables below. Optional env:
   SPEEDRUN_OUT          output root (default "."): logs/<run-id>.txt, logs/<run-id>-samples/, checkpoints/<run-id>/
   SPEEDRUN_CACHE        data preparation kept between runs (default <repo>/cache): the CPU track's teacher and text
   SPEEDRUN_RESUME       "latest" or a run id: continue that run from its last checkpoint (exact next sample and step)
@@ -14,8 +13,7 @@ preemption):
   SPEEDRUN_VARIANT      an ablation of the cpu track (VARIANTS: one lever changed); SPEEDRUN_SEED its seed
   SPEEDRUN_RUN_ID, SPEEDRUN_CKPT_EVERY, SPEEDRUN_TIME_CAP_S   override the run id / checkpoint period / wall-clock cap
   SPEEDRUN_KILL_AT      "<step>:TERM" or "<step>:KILL": the process signals itself after that step (fault injection)
-  SPEEDRUN_DRY_RUN      a world size (e.g. 32): print each stage's plan at that many GPUs (per-GPU batch, micro-batches,
-                        Muon's share per rank, images, epochs, estimated hours) and exit; no training, no data
+  SPEEDRUN_DRY_RUN      a world size (e.g. 32): print the record track's plan at that many GPUs (plan.dry_run), exit
 """
 
 import bisect
@@ -386,22 +384,12 @@ def setup(env=os.environ, track=None, run=None) -> Run:
             dist.barrier()
         run.scene_text, teacher = scenes.cpu_track_paths(run.cache, tr.seed, tr.scene_pool, run.enc.name, grid)
         run.teacher_path = str(teacher) if teacher else tr.teacher_id
-    load_critics(run)
+    if run.tr.lpips and run.rank == 0:  # the lpips wheel's weights, downloaded once into the cache
+        losses.fetch_lin_weights(run.cache)
+    if run.tr.lpips and run.world > 1:
+        dist.barrier()
+    run.critics = losses.load_critics(run.tr.dino_loss, run.tr.lpips, run.teacher_path, run.cache, run.device)
     return run
-
-
-def load_critics(run):
-    """The perceptual losses' frozen networks, for the whole run: the REPA teacher's model for the DINO feature loss
-    (PRX: DINOv2-B with registers, as the record track's teacher), LPIPS' VGG16 (losses.py)."""
-    from transformers import AutoModel
-    if run.tr.dino_loss:
-        run.critics["dino"] = AutoModel.from_pretrained(run.teacher_path).to(run.device).eval().requires_grad_(False)
-    if run.tr.lpips:
-        if run.rank == 0:  # the lpips wheel's weights, downloaded once into the cache
-            losses.fetch_lin_weights(run.cache)
-        if run.world > 1:
-            dist.barrier()
-        run.critics["lpips"] = losses.LPIPS.from_pretrained(run.cache / "lpips" / "vgg.pth").to(run.device)
 
 
 def repa_on(run, st):
@@ -552,7 +540,7 @@ def train_step(run):
         with torch.autocast(run.device.type, dtype=run.amp or torch.bfloat16, enabled=run.amp is not None):
             out = model.flow_matching_loss(run.model, x0, d.eps, d.t, txt, mask, None if st.tread else d.keep,
                                            d.path_drop, bool(st.repa), d.keep if st.tread else None, tr.contrastive)
-            aux = aux_losses(run, out, x0)
+            aux = losses.aux_losses(out, x0, run.critics, run.tr, st.res // run.cfg.patch)
             loss = out.fm.sum() + aux.sum()
             if st.repa:
                 y = losses.teacher_tokens(run.teacher, x0, st.res // run.cfg.patch)
@@ -595,17 +583,6 @@ def train_step(run):
         torch._foreach_lerp_(list(run.ema.parameters()), list(run.model.parameters()), 1 - run.tr.ema)
     return {"loss": loss, "repa": repa if st.repa else None, "lr": lr, "gnorm": gnorm, "stop": stop > 0,
             "txt_len": txt_len, "aux": aux_sum / n if tr.contrastive or run.critics else None}
-
-
-def aux_losses(run, out, x0):
-    """The levers' extra loss terms per sample (weighted): Contrastive Flow Matching's, PRX Part 3's perceptual ones."""
-    aux = out.contrast if out.contrast is not None else torch.zeros_like(out.fm)
-    if "dino" in run.critics:
-        aux = aux + run.tr.dino_loss * losses.dino_feature_loss(run.critics["dino"], out.x0_hat, x0,
-                                                               run.stage.res // run.cfg.patch)
-    if "lpips" in run.critics:
-        aux = aux + run.tr.lpips * losses.lpips_loss(run.critics["lpips"], out.x0_hat, x0)
-    return aux
 
 
 # ======================================================================================================================

@@ -152,3 +152,37 @@ def test_worker_saves_and_exits_when_its_launcher_is_killed(tmp_path):
     text = log.read_text()
     assert "STOP: SIGTERM; saved at step" in text
     assert checkpoint.latest_checkpoint(tmp_path / "checkpoints" / "orphan") is not None
+
+
+def test_every_python_command_of_the_readme_exists_as_written(capsys):
+    """Each `python <script> [subcommand] --flags` of the README: the script is there, and its --help (in process,
+    no data) lists the subcommand and every flag the README passes (train.py is env-driven: tested elsewhere)."""
+    import re
+
+    import gpu_check
+
+    import ablate
+    import eval as evaluation
+    import prepare
+    import record
+    mains = {"eval.py": evaluation.main, "record.py": record.main, "ablate.py": ablate.main, "prepare.py": prepare.main,
+             "-m tools.gpu_check": gpu_check.main}
+    text = (ROOT / "README.md").read_text()
+    cmds = re.findall(r"python ((?:-m tools\.\w+)|\w+\.py)([^`\n#]*)", text)
+    assert len(cmds) >= 10, cmds
+    seen = set()
+    for script, args in cmds:
+        path = ROOT / (script[3:].replace(".", "/") + ".py") if script.startswith("-m ") else ROOT / script
+        assert path.exists(), script
+        if script not in mains:
+            continue
+        words = args.split()
+        sub = [words[0]] if words and not words[0].startswith("-") and script in ("eval.py", "record.py") else []
+        with pytest.raises(SystemExit) as e:
+            mains[script](sub + ["--help"])
+        assert e.value.code == 0, (script, sub)
+        out = capsys.readouterr().out
+        for flag in (w.split("=")[0] for w in words if w.startswith("--")):
+            assert flag in out, (script, sub, flag)
+        seen.add((script, *sub))
+    assert {("record.py", "verify"), ("record.py", "extract"), ("eval.py", "eval"), ("prepare.py",)} <= seen
