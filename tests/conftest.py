@@ -8,6 +8,7 @@ import signal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 from PIL import Image
 
@@ -90,3 +91,22 @@ def main_in_process(env):
         return train.main(env)
     finally:
         signal.signal(signal.SIGTERM, handler)
+
+
+LEVERS = dataclasses.replace(TINY, irepa=True, dino_loss=0.01, contrastive=0.05, stages=tuple(  # TREAD: all stages
+    dataclasses.replace(s, tread=0.5, sprint_drop=0.0) for s in TINY.stages))
+
+
+def make_run(tmp_path, track=TINY):
+    run = train.setup({"SPEEDRUN_OUT": str(tmp_path)}, track=track)
+    run.id = "test"
+    return run
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    d, rng = tmp_path_factory.mktemp("clean"), np.random.default_rng(0)
+    ids = _ids(44, heldout=4)
+    _shard(d / "train_000.parquet", ids[:24], rng)
+    _shard(d / "train_001.parquet", ids[24:], rng)
+    return d

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from conftest import _ids, _shard
 
 import eval as ev
 import model
@@ -288,7 +289,6 @@ def test_protocol_blocks_are_hashed():
 
 
 def test_record_eval_set_is_the_heldout_split(tmp_path, monkeypatch):
-    from conftest import _ids, _shard
 
     import data
 
