@@ -102,16 +102,16 @@ def score_cell(variant, seed, runs: Path, log: Path) -> dict:
             "wall_s": wall, "eval_s": m["eval_seconds"], "ckpt": str(ckpt), "metrics": m}
 
 
-def short_prompt_adherence(model, enc) -> dict:
+def short_prompt_adherence(model, enc, track="cpu", n=SHORT_N) -> dict:
     """Outside the frozen protocol, for the caption levers: adherence to short prompts ("red circle, blue square"),
     the prompts the mixed fine-tune exists for (the protocol prompts with long captions). A short caption names no
     position or size, so an object counts when its colour and shape are right in whichever cell holds most of that
-    colour (scenes.check_scene(positions=False)). SHORT_N held-out and SHORT_N fresh training-distribution scenes,
-    with the protocol's sampler and noise seeds."""
-    proto = evaluation.PROTOCOLS["cpu"]
+    colour (scenes.check_scene(positions=False)). n held-out and n fresh training-distribution scenes, with the
+    track protocol's sampler and noise seeds."""
+    proto = evaluation.PROTOCOLS[track]
     out = {}
-    for split, sc in (("short_held", scenes.heldout_scenes(SHORT_N)),
-                      ("short_train", evaluation.train_scenes(dict(proto, n_train=SHORT_N)))):
+    for split, sc in (("short_held", scenes.heldout_scenes(n)), ("short_train", evaluation.train_scenes(dict(
+            proto, n_train=n)))):
         ok = [scenes.check_scene(im, sc[i], positions=False)["all"]
               for idx, imgs in evaluation.generate(model, enc, [x.short_caption for x in sc], range(len(sc)),
                                                    proto["res"], proto, 64)

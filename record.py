@@ -243,7 +243,7 @@ def verify(record_dir, ckpt=None, rtol=0.02, trust_recorded_code=False) -> list[
     elif ckpt and not problems:
         text = logs[-1].read_text(errors="replace")
         ran = re.search(r"^data_manifest:(\S*)", text, re.MULTILINE)
-        now = data.source_hash("scenes" if meta["track"] == "cpu" else "mj-llava")
+        now = data.source_hash("mj-llava" if meta["track"] == "record" else "scenes")
         if ran and now not in ran.group(1):
             problems.append(f"the evaluation data differ from the run's ({ran.group(1)} vs {now})")
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 T5GEMMA = "google/t5gemma-2b-2b-ul2"
@@ -91,6 +92,28 @@ class TextEncoder:
         """The null condition (encoding of ""): caption dropout and the unconditional branch of CFG."""
         self._null = self._null or self.encode([""])
         return self._null
+
+    def condition(self, batch, drop, device, text_len=0):
+        """A training batch's text: its cached embeddings (batch["txt"]) or its captions encoded live, with caption
+        dropout (10 % in train.py): the dropped rows get the encoding of "", the null condition of CFG. With text_len
+        the text is padded to that many tokens (padding keys are masked): one shape for the compiler."""
+        if "txt" in batch:  # cached embeddings: put the "" embedding in the dropped rows
+            txt, mask = batch["txt"].to(device).float(), batch["txt_mask"].to(device).bool()
+            if any(drop):
+                n, nm = (v.to(device) for v in self.null())
+                L = max(txt.shape[1], n.shape[1])
+                (txt, mask), (n, nm) = pad_text(txt, mask, L), pad_text(n.float(), nm.bool(), L)
+                d = torch.tensor(drop, device=device)
+                txt, mask = torch.where(d[:, None, None], n, txt), torch.where(d[:, None], nm, mask)
+        else:
+            txt, mask = self.encode(["" if d else c for c, d in zip(batch["caption"], drop)])
+            txt, mask = txt.to(device).float(), mask.to(device).bool()
+        return pad_text(txt, mask, text_len) if text_len and txt.shape[1] < text_len else (txt, mask)
+
+
+def pad_text(txt, mask, L):
+    """Text [B, l, d] and mask [B, l] right-padded to L tokens (padding masked out)."""
+    return F.pad(txt, (0, 0, 0, L - txt.shape[1])), F.pad(mask, (0, L - mask.shape[1]))
 
 
 class TextCache:

@@ -4,8 +4,9 @@ train.py: the staged speedrun trainer for a pixel-space PRX-1.2B text-to-image d
     torchrun --standalone --nproc_per_node=auto train.py
 
 Track: "record" (CUDA: one node of 8 x H100 80 GB, 24 h) or "cpu" (the same four stages in miniature, a budget of
-training FLOPs: ~7 min on 2 cores); default record if CUDA is available, else cpu; SPEEDRUN_TRACK=record|cpu picks
-one. The file is the experiment: every hyperparameter is in the two tables below. Optional env:
+training FLOPs: ~7 min on 2 cores); default record if CUDA is available, else cpu; SPEEDRUN_TRACK=record|cpu|mini
+picks one (mini: the GPU miniature, minutes on one GPU). The file is the experiment: every hyperparameter is in the
+tables below. Optional env:
   SPEEDRUN_OUT          output root (default "."): logs/<run-id>.txt, logs/<run-id>-samples/, checkpoints/<run-id>/
   SPEEDRUN_CACHE        data preparation kept between runs (default <repo>/cache): the CPU track's teacher and text
   SPEEDRUN_RESUME       "latest" or a run id: continue that run from its last checkpoint (exact next sample and step)
@@ -36,7 +37,6 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -152,7 +152,18 @@ CPU = Track(
         Stage("high-res", 96,  70,   32,   32,       0.0,    0.0, 0.0,        0.0,      (1.0, 1.0), "scenes"),
         Stage("sft",      96,  60,   32,   32,       0.5,    0.0, 0.0,        0.1,      (1.0, 0.0), "scenes"),
     ))
-TRACKS = {"record": RECORD, "cpu": CPU}
+# The GPU miniature (SPEEDRUN_TRACK=mini; `python -m tools.gpu_mini` trains and scores it): the CPU track's scenes,
+# caption pool, teacher and adherence checker on the record track's GPU path (bf16 autocast, compiled blocks, bf16
+# Newton-Schulz, SPRINT), 16 px patches at 128 then 256 px (8x8 then 16x16 tokens: the record's grids halved). Sized
+# by ESTIMATE, not yet by a run: 2.4e16 planned FLOPs, ~3 min on one H100/H200 if it sustains 150 TFLOP/s.
+MINI = dataclasses.replace(
+    CPU, name="mini", preset="mini", lr=1e-3, warmup=200, ema=0.995, ns_dtype="bfloat16", flop_budget=math.nan,
+    peak_flops=989e12, time_cap_s=900.0, ckpt_every=10**6, workers=8, text_len=48, stages=(
+        Stage("burn-in",  128, 600,  256, 256, 0.0, 0.5, 0.0,  0.0, (1.0, 1.0), "scenes"),
+        Stage("main",     128, 1800, 256, 256, 0.0, 0.0, 0.0,  0.0, (1.0, 1.0), "scenes"),
+        Stage("high-res", 256, 600,  256, 256, 0.0, 0.0, 0.75, 0.1, (1.0, 1.0), "scenes"),
+        Stage("sft",      256, 250,  256, 256, 0.5, 0.0, 0.0,  0.1, (1.0, 0.0), "scenes")))
+TRACKS = {"record": RECORD, "cpu": CPU, "mini": MINI}
 # Ablations in miniature (PRX's table on the CPU track): each variant changes exactly one lever of the CPU track.
 # SPEEDRUN_VARIANT=<name> picks one; `python ablate.py` trains and scores them all. Rows: Track fields, then Stage
 # fields per stage index. Every variant spends the baseline's planned FLOPs (fit_budget: the main stage's steps take up
@@ -339,7 +350,7 @@ def init_process(env=os.environ, track=None) -> Run:
     run.rank, run.world, local = evaluation.init_distributed(env)
     for st in run.tr.stages:  # every stage's global batch splits over this world size, or one line now
         plan.micro_batching(st, run.world)
-    cuda = torch.cuda.is_available() and run.tr.name == "record"
+    cuda = torch.cuda.is_available() and run.tr.name != "cpu"
     run.device = torch.device("cuda", local) if cuda else torch.device("cpu")
     torch.set_flush_denormal(True)  # CPU: denormal values appearing after some steps slow matmuls up to ~50x
     if cuda:
@@ -463,29 +474,6 @@ def enter_stage(run, k):
 # The training step
 
 
-def pad_text(txt, mask, L):
-    return F.pad(txt, (0, 0, 0, L - txt.shape[1])), F.pad(mask, (0, L - mask.shape[1]))
-
-
-def text_condition(run, batch, drop):
-    """Caption dropout 10 %: dropped captions become "", whose encoding is the null condition of CFG. With
-    tr.text_len the text is padded to that many tokens (padding keys are masked): one shape for the compiler."""
-    if "txt" in batch:  # cached embeddings: put the "" embedding in the dropped rows
-        txt, mask = batch["txt"].to(run.device).float(), batch["txt_mask"].to(run.device).bool()
-        if any(drop):
-            n, nm = (v.to(run.device) for v in run.enc.null())
-            L = max(txt.shape[1], n.shape[1])
-            (txt, mask), (n, nm) = pad_text(txt, mask, L), pad_text(n.float(), nm.bool(), L)
-            d = torch.tensor(drop, device=run.device)
-            txt, mask = torch.where(d[:, None, None], n, txt), torch.where(d[:, None], nm, mask)
-    else:
-        with torch.no_grad():
-            txt, mask = run.enc.encode(["" if d else c for c, d in zip(batch["caption"], drop)])
-        txt, mask = txt.to(run.device).float(), mask.to(run.device).bool()
-    L = run.tr.text_len
-    return pad_text(txt, mask, L) if L and txt.shape[1] < L else (txt, mask)
-
-
 def next_batch(run):
     if run.batches is None:
         run.batches = iter(run.loader)
@@ -536,7 +524,7 @@ def train_step(run):
             continue
         x0 = batch["image"].to(run.device, non_blocking=True).float().div(127.5).sub(1)
         d = draw_samples(run, batch["index"], step)
-        txt, mask = text_condition(run, batch, d.drop)
+        txt, mask = run.enc.condition(batch, d.drop, run.device, run.tr.text_len)
         with torch.autocast(run.device.type, dtype=run.amp or torch.bfloat16, enabled=run.amp is not None):
             out = model.flow_matching_loss(run.model, x0, d.eps, d.t, txt, mask, None if st.tread else d.keep,
                                            d.path_drop, bool(st.repa), d.keep if st.tread else None, tr.contrastive)
@@ -643,7 +631,7 @@ def binned_val_loss(run):
     """The EMA weights' validation loss binned by t (eval.binned_val_loss) on the stage's held-out batch, logged."""
     st = run.stage
     images, captions = data.validation_batch(st.source, st.res, evaluation.VAL_N)
-    txt, mask = text_condition(run, {"caption": captions}, [False] * len(captions))
+    txt, mask = run.enc.condition({"caption": captions}, [False] * len(captions), run.device, run.tr.text_len)
     bins = evaluation.binned_val_loss(run.ema, images, txt, mask, run.micro, run.tr.seed + 7, run.amp is not None)
     log(run, f"val_loss: stage:{run.k + 1} res:{st.res} " + " ".join(f"t{t}:{v:.4f}" for t, v in bins.items()) +
         f" mean:{sum(bins.values()) / len(bins):.4f}", console=True)

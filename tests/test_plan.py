@@ -13,6 +13,7 @@ import losses
 import model
 import muon
 import plan
+import text
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +28,8 @@ def test_flops_counted_per_step_and_planned(tmp_path, monkeypatch, track):
     from above."""
     run = make_run(tmp_path, track)
     lens = []
-    text_condition = train.text_condition
-    monkeypatch.setattr(train, "text_condition", lambda *a: lens.append(text_condition(*a)) or lens[-1])
+    condition = text.TextEncoder.condition
+    monkeypatch.setattr(text.TextEncoder, "condition", lambda *a: lens.append(condition(*a)) or lens[-1])
     ns = sum(muon.ns_flops(p.shape) for p in run.model.muon_params())
     assert run.ns_flops == ns > 0
     planned = plan.compute_plan(run)

@@ -74,3 +74,14 @@ def test_cache_round_trip_equals_live_encoder(clean, tiny_t5gemma, tmp_path):
     padded = torch.nn.functional.pad(mask, (0, L - mask.shape[1]))
     assert torch.equal(batch["txt_mask"], padded[:, :batch["txt"].shape[1]])
     assert torch.allclose(batch["txt"].float(), live[:, :batch["txt"].shape[1]].bfloat16().float(), atol=1e-6)
+
+
+def test_text_padded_to_a_fixed_length_with_caption_dropout():
+    enc = text.TextEncoder.cpu_track()
+    caps = ["a red circle", "two blue squares on the left"]
+    txt, mask = enc.condition({"caption": caps}, [False, True], torch.device("cpu"), 32)  # the 2nd caption dropped
+    ref, ref_mask = enc.encode([caps[0], ""])
+    n = ref.shape[1]
+    assert txt.shape[:2] == mask.shape == (2, 32)
+    assert torch.equal(txt[:, :n], ref) and torch.equal(mask[:, :n], ref_mask) and not mask[:, n:].any()
+    assert not txt[:, n:].any()

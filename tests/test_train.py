@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,7 +26,6 @@ import losses
 import model
 import record
 import scenes
-import text
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,18 +311,6 @@ def test_kill_and_resume_match_uninterrupted(reference):
     assert all(torch.equal(w[k], w_ref[k]) for k in w_ref) and all(torch.equal(e[k], e_ref[k]) for k in e_ref)
     ref_log = (out / "logs" / "ref.txt").read_text()
     assert logged(log, "done:", "flops:") == logged(ref_log, "done:", "flops:")  # the count survives the resumes
-
-
-def test_text_padded_to_the_tracks_fixed_length_with_caption_dropout():
-    enc = text.TextEncoder.cpu_track()
-    run = SimpleNamespace(device=torch.device("cpu"), enc=enc, tr=dataclasses.replace(train.CPU, text_len=32))
-    caps = ["a red circle", "two blue squares on the left"]
-    txt, mask = train.text_condition(run, {"caption": caps}, [False, True])  # the second caption is dropped
-    ref, ref_mask = enc.encode([caps[0], ""])
-    n = ref.shape[1]
-    assert txt.shape[:2] == mask.shape == (2, 32)
-    assert torch.equal(txt[:, :n], ref) and torch.equal(mask[:, :n], ref_mask) and not mask[:, n:].any()
-    assert not txt[:, n:].any()
 
 
 def test_skipped_rows_give_the_mean_over_the_served_samples(tmp_path, monkeypatch):
