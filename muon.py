@@ -10,16 +10,19 @@ import torch.distributed as dist
 
 
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
-    """Quintic Newton-Schulz orthogonalisation, in bf16 the exact op sequence of torch.optim.Muon (torch 2.9+)."""
+    """Quintic Newton-Schulz orthogonalisation of one matrix [m, n] or a stack [k, m, n], in bf16 the exact op sequence
+    of torch.optim.Muon (torch 2.9+; on CPU a stack gives each matrix's result bit for bit, tested)."""
+    if G.ndim == 2:
+        return zeropower_via_newtonschulz5(G[None], steps, eps, dtype)[0]
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype)
-    if G.size(0) > G.size(1):
-        X = X.T
-    X = X.div(X.norm().clamp(min=eps))  # spectral norm <= 1
+    if G.size(-2) > G.size(-1):
+        X = X.mT
+    X = X.div(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))  # spectral norm <= 1
     for _ in range(steps):
-        A = X @ X.T
-        X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)
-    return X.T if G.size(0) > G.size(1) else X
+        A = X @ X.mT
+        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
+    return X.mT if G.size(-2) > G.size(-1) else X
 
 
 def ns_flops(shape, steps=5) -> int:
@@ -33,8 +36,8 @@ class Muon(torch.optim.Optimizer):
     step lr * 0.2 * sqrt(max(rows, cols)), so Muon reuses AdamW's lr and weight decay.
     Distributed like modded-nanogpt: every rank keeps the momentum of every matrix (an elementwise update, and a
     checkpoint that any world size can load), but runs Newton-Schulz only on its 1/world share of each same-shape
-    bucket; the bf16 updates are all-gathered. With one process this is exactly
-    torch.optim.Muon(adjust_lr_fn="match_rms_adamw")."""
+    bucket (one batched Newton-Schulz per shape); the updates are all-gathered, all of a step's in one call. With one
+    process this is exactly torch.optim.Muon(adjust_lr_fn="match_rms_adamw") (bit for bit on CPU, tested)."""
 
     def __init__(self, params, lr=1e-4, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5, eps=1e-7,
                  rank=0, world=1, ns_dtype=torch.bfloat16):
@@ -46,30 +49,34 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
-            buckets, pending = {}, []
+            buckets, mine = {}, []
             for p in group["params"]:  # grads are None on every rank alike (see sync_grads)
                 if p.grad is not None:
                     buckets.setdefault(tuple(p.shape), []).append(p)
             for shape, ps in buckets.items():
-                for i in range(0, len(ps), self.world):
-                    chunk, updates = ps[i:i + self.world], []
-                    for p in chunk:  # Nesterov momentum in torch.optim.Muon's lerp form
-                        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                        buf.lerp_(p.grad, 1 - mom)
-                        updates.append(p.grad.lerp(buf, mom) if group["nesterov"] else buf)
-                    if self.rank < len(chunk):
-                        mine = zeropower_via_newtonschulz5(updates[self.rank], group["ns_steps"], group["eps"],
-                                                           self.ns_dtype).contiguous()  # NCCL gathers contiguous
-                    else:  # this rank has no matrix in the last chunk: it sends zeros
-                        mine = ps[0].new_zeros(shape, dtype=self.ns_dtype)
-                    if self.world == 1:
-                        pending.append((chunk, [mine], None))
-                    else:
-                        outs = [torch.empty_like(mine) for _ in range(self.world)]
-                        pending.append((chunk, outs, dist.all_gather(outs, mine, async_op=True)))
-            for chunk, outs, handle in pending:
-                if handle is not None:
-                    handle.wait()
-                for p, o in zip(chunk, outs):
-                    p.mul_(1 - lr * wd)
-                    p.add_(o, alpha=-lr * 0.2 * math.sqrt(max(p.shape[0], p.shape[1])))
+                updates = []
+                for p in ps:  # Nesterov momentum in torch.optim.Muon's lerp form
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.lerp_(p.grad, 1 - mom)
+                    updates.append(p.grad.lerp(buf, mom) if group["nesterov"] else buf)
+                share = updates[self.rank::self.world]  # this rank's matrices: rank, rank + world, ...
+                slots = -(-len(ps) // self.world)  # every rank sends as many (zeros where it has none left)
+                out = ps[0].new_zeros((slots, *shape), dtype=self.ns_dtype)
+                if share:  # one batched Newton-Schulz per shape, not one per matrix
+                    out[:len(share)] = zeropower_via_newtonschulz5(torch.stack(share), group["ns_steps"], group["eps"],
+                                                                   self.ns_dtype)
+                mine.append(out.flatten())
+            if not mine:
+                continue
+            flat = torch.cat(mine)  # one all-gather of every update per step: gloo pays ~1 ms per call
+            outs = [flat] if self.world == 1 else [torch.empty_like(flat) for _ in range(self.world)]
+            if self.world > 1:
+                dist.all_gather(outs, flat)
+            sections = [(shape, ps, -(-len(ps) // self.world)) for shape, ps in buckets.items()]
+            sizes = [slots * math.prod(shape) for shape, _, slots in sections]
+            for r, o in enumerate(outs):
+                for (shape, ps, slots), part in zip(sections, o.split(sizes)):
+                    for j, u in enumerate(part.view(slots, *shape)[:len(ps[r::self.world])]):
+                        p = ps[j * self.world + r]
+                        p.mul_(1 - lr * wd)
+                        p.add_(u, alpha=-lr * 0.2 * math.sqrt(max(p.shape[0], p.shape[1])))

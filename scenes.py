@@ -59,6 +59,9 @@ def _random_scene(rng, allow):
     return Scene(list(BACKGROUNDS)[int(rng.integers(2))], tuple(objs))
 
 
+MEMO_BYTES = 2**28  # the renders a SceneDataset keeps per process (the GPU miniature's 256 px pool: none)
+
+
 @dataclass
 class SceneDataset:
     """Seeded: scene(i) is a pure function of (seed, i). Training scenes avoid HELDOUT_PAIRS. Infinite, or a finite
@@ -70,13 +73,19 @@ class SceneDataset:
     def __post_init__(self):
         self.num_rows = self.total_rows = self.pool  # None: infinite
         self.fingerprint, self.bad = f"scenes-{self.seed}-{self.pool}", []
+        self.memo = {}  # (row, res) -> what load returns: a pool is served for many epochs; drawn and rendered once
 
     def scene(self, i):
         return _random_scene(np.random.default_rng([self.seed, int(i)]), lambda p: p not in HELDOUT_PAIRS)
 
     def load(self, row, res):
+        if (row, res) in self.memo:
+            return self.memo[row, res]
         s = self.scene(row)
-        return render_scene(s, res), s.long_caption, s.short_caption
+        out = render_scene(s, res), s.long_caption, s.short_caption
+        if self.pool and self.pool * 3 * res * res <= MEMO_BYTES:  # the CPU track's pool: 8192 x 96 px = 226 MB
+            self.memo[row, res] = out
+        return out
 
     def order(self, seed, epoch):
         return np.random.default_rng([seed, epoch]).permutation(self.pool)

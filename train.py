@@ -134,23 +134,24 @@ RECORD = Track(
         Stage("high-res", 1024, 40_000,  512,  32,       0.0,    0.0, 0.75,       0.1,      (1.0, 1.0), PRX),
         Stage("sft",      1024, 10_000,  512,  16,       0.5,    0.0, 0.0,        0.1,      (1.0, 0.0), "sft-mix"),
     ))  # sft-mix: prx-data + 5 % Alchemist (data.MIXES)
-# The same four stages in miniature: tiny model (8 px patches, RoPE interpolated to an 8x8 grid), procedural scenes,
+# The same four stages in miniature: a 0.65 M-parameter PRX (width 64, 8 px patches, RoPE interpolated to an 8x8
+# grid: at this budget 4x the images of the 2.4 M `tiny` beat its width, records/cpu/NOTES.md), procedural scenes,
 # 64 px (8x8 tokens) then 96 px (12x12). Its budget is compute, not time: flop_budget training FLOPs (compute_plan;
 # ~7 min on a 2-core box); the wall clock is reported, and capped at ~3x that only as a safety net. Why each setting:
 # README, "CPU track" (t shift 4x the SD3 rule: flat synthetic scenes keep their layout visible at noise levels where
 # photos lose it; RoPE interpolation: raw positions put a 96 px image on angles a few high-res steps cannot learn;
 # the 96 px stage dense, not SPRINT: at 144 tokens SPRINT lost at equal clock: records/cpu/ablations-2026-11-27).
 CPU = Track(
-    name="cpu", preset="tiny", text_encoder="cpu_track", teacher_id="scenes", shift_base=16,
+    name="cpu", preset="cpu", text_encoder="cpu_track", teacher_id="scenes", shift_base=16,
     lr=3e-3, warmup=50, clip=1.0, ema=0.98, ema_every=1, projector_width=256, ckpt_every=100, time_cap_s=1200.0,
-    flop_budget=3.06e13,
+    flop_budget=2.0e13,
     peak_flops=float("nan"), workers=0, sample_steps=8, ns_dtype="float32", text_len=0, scene_pool=8192,
     stages=(
         #     name        res  steps batch max_micro p_short repa sprint_drop path_drop lr_mult     source
-        Stage("burn-in",  64,  200,  32,   32,       0.0,    0.5, 0.0,        0.0,      (1.0, 1.0), "scenes"),
-        Stage("main",     64,  580,  32,   32,       0.0,    0.0, 0.0,        0.0,      (1.0, 1.0), "scenes"),
-        Stage("high-res", 96,  70,   32,   32,       0.0,    0.0, 0.0,        0.0,      (1.0, 1.0), "scenes"),
-        Stage("sft",      96,  60,   32,   32,       0.5,    0.0, 0.0,        0.1,      (1.0, 0.0), "scenes"),
+        Stage("burn-in",  64,  516,  32,   32,       0.0,    0.5, 0.0,        0.0,      (1.0, 1.0), "scenes"),
+        Stage("main",     64,  1351, 32,   32,       0.0,    0.0, 0.0,        0.0,      (1.0, 1.0), "scenes"),
+        Stage("high-res", 96,  180,  32,   32,       0.0,    0.0, 0.0,        0.0,      (1.0, 1.0), "scenes"),
+        Stage("sft",      96,  155,  32,   32,       0.5,    0.0, 0.0,        0.1,      (1.0, 0.0), "scenes"),
     ))
 # The GPU miniature (SPEEDRUN_TRACK=mini; `python -m tools.gpu_mini` trains and scores it): the CPU track's scenes,
 # caption pool, teacher and adherence checker on the record track's GPU path (bf16 autocast, compiled blocks, bf16
@@ -168,7 +169,7 @@ TRACKS = {"record": RECORD, "cpu": CPU, "mini": MINI}
 # SPEEDRUN_VARIANT=<name> picks one; `python ablate.py` trains and scores them all. Rows: Track fields, then Stage
 # fields per stage index. Every variant spends the baseline's planned FLOPs (fit_budget: the main stage's steps take up
 # the difference); sprint-hires trains the record track's SPRINT stage, as many sparse steps as the dense ones cost.
-TINY_CFG = model.PRESETS["tiny"]
+CPU_CFG = model.PRESETS[CPU.preset]
 VARIANTS = {
     "baseline": ({}, {}),
     "no-repa": ({}, {0: {"repa": 0.0}}),  # the burn-in trains without REPA
@@ -177,7 +178,7 @@ VARIANTS = {
     "short-captions": ({}, {k: {"p_short": 1.0} for k in range(4)}),  # short captions throughout
     "long-only": ({}, {3: {"p_short": 0.0}}),  # no mixed long/short fine-tune
     "sprint-hires": ({}, {2: {"sprint_drop": 0.75, "path_drop": 0.1, "steps": round(  # ~32 text tokens
-        CPU.stages[2].steps * model.train_flops(TINY_CFG, 96, 32) / model.train_flops(TINY_CFG, 96, 32, 0.75))}}),
+        CPU.stages[2].steps * model.train_flops(CPU_CFG, 96, 32) / model.train_flops(CPU_CFG, 96, 32, 0.75))}}),
     "bf16-weights": ({"bf16_weights": True}, {}),  # weights stored in bf16
     "tread": ({}, {k: {"tread": 0.5} for k in range(4)}),  # TREAD routing (50 % of tokens) in every stage
     "irepa": ({"irepa": True}, {}),  # iREPA's conv projector and spatial normalisation in the burn-in

@@ -79,7 +79,7 @@ def random_lpips(seed=0):
 
 
 def cpu_env(out, **kw):
-    env = env_for(out, SPEEDRUN_STEPS_SCALE="0.01", **kw)  # 2 / 10 / 1 / 1 steps
+    env = env_for(out, SPEEDRUN_STEPS_SCALE="0.0045", **kw)  # 2 / 6 / 1 / 1 steps
     env.pop("SPEEDRUN_TRACK")
     return env
 

@@ -70,7 +70,7 @@ def test_bad_input_is_one_short_line(tmp_path, damaged, args, env, names):
 
 
 def test_truncated_checkpoint_on_resume_falls_back_to_the_previous_one(tmp_path):
-    env = cpu_env(tmp_path, SPEEDRUN_RUN_ID="r", )  # 2 / 10 / 1 / 1 steps
+    env = cpu_env(tmp_path, SPEEDRUN_RUN_ID="r", )  # 2 / 6 / 1 / 1 steps
     assert main_in_process(env) == 0
     root = tmp_path / "checkpoints" / "r"
     last = checkpoint.latest_checkpoint(root)
@@ -84,7 +84,7 @@ def test_truncated_checkpoint_on_resume_falls_back_to_the_previous_one(tmp_path)
     assert f"{last / 'model.safetensors'} is damaged" in r.stderr and "trying the previous checkpoint" in r.stderr
     assert f"resumed from {earlier}" in (tmp_path / "logs" / "r.txt").read_text()
     shutil.rmtree(earlier)  # only the damaged one left: stop with its name, never restart from step 0
-    r = run_py(["train.py"], tmp_path, SPEEDRUN_RESUME="r", SPEEDRUN_STEPS_SCALE="0.01")
+    r = run_py(["train.py"], tmp_path, SPEEDRUN_RESUME="r", SPEEDRUN_STEPS_SCALE="0.0045")
     short_error(r, "no usable checkpoint", "model.safetensors is damaged")
 
 
@@ -112,7 +112,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_why(tmp_path, monkeypa
 def test_one_run_per_run_directory(tmp_path):
     holder = checkpoint.lock_run(tmp_path, "busy", 0)  # this process holds the lock
     try:
-        r = run_py(["train.py"], tmp_path, SPEEDRUN_RUN_ID="busy", SPEEDRUN_STEPS_SCALE="0.01")
+        r = run_py(["train.py"], tmp_path, SPEEDRUN_RUN_ID="busy", SPEEDRUN_STEPS_SCALE="0.0045")
         short_error(r, "'busy' is already running", f"pid {os.getpid()}")
     finally:
         holder.close()

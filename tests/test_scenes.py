@@ -117,3 +117,20 @@ def test_scene_pool_is_finite_and_encodes_once(tmp_path):
     n = batch["txt"].shape[1]
     assert torch.equal(batch["txt_mask"], mask[:, :n])
     torch.testing.assert_close(batch["txt"].float(), live[:, :n], atol=0.02, rtol=0.02)
+
+
+def test_a_pool_renders_each_scene_once_per_resolution(monkeypatch):
+    """SceneDataset keeps a pool's renders: the second load of a row is the first's, the same pixels as a fresh
+    render; a pool too large for scenes.MEMO_BYTES keeps none."""
+    ds, calls = scenes.SceneDataset(seed=3, pool=16), []
+    render = scenes.render_scene
+    monkeypatch.setattr(scenes, "render_scene", lambda s, res: calls.append(res) or render(s, res))
+    first = ds.load(5, 64)
+    assert ds.load(5, 64) is first and calls == [64]
+    assert torch.equal(first[0], render(ds.scene(5), 64)) and first[1] == ds.scene(5).long_caption
+    ds.load(5, 96)
+    assert calls == [64, 96]
+    monkeypatch.setattr(scenes, "MEMO_BYTES", 16 * 3 * 64 * 64 - 1)
+    big = scenes.SceneDataset(seed=3, pool=16)
+    big.load(5, 64), big.load(5, 64)
+    assert calls == [64, 96, 64, 64] and not big.memo
