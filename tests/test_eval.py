@@ -307,3 +307,13 @@ def test_verify_refuses_to_reevaluate_under_another_protocol(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"track": "cpu", "protocol_hash": "0123456789abcdef", "n": 4}))
     problems = record.verify(tmp_path, ckpt=tmp_path / "no-such-checkpoint")  # refused before any checkpoint is read
     assert any("is not this eval.py's" in p for p in problems)
+
+
+def test_sampler_sweep_settings_override_only_what_they_name():
+    from tools.sampler_sweep import parse_setting
+
+    assert parse_setting("heun:16:3") == {"method": "heun", "steps": 16, "shift": 3.0}
+    assert parse_setting("euler:8:6:1.5:0.3-1") == {"method": "euler", "steps": 8, "shift": 6.0, "cfg_scale": 1.5,
+                                                    "interval": (0.3, 1.0)}
+    proto = dict(ev.PROTOCOLS["cpu"], **parse_setting("euler:8:6:1.5"))
+    assert ev.protocol_hash(proto) == ev.protocol_hash(ev.PROTOCOLS["cpu"])  # v3's own sampler: the same hash
