@@ -121,6 +121,9 @@ def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
     assert calls.count("short") == 1  # only the cell scored before the check, once
     calls.remove("short")
     assert len(calls) == len(ablate.cells()) - 3 and len(ablate.cells()) == 3 + 2 * (len(train.VARIANTS) - 1) == 31
+    levers = len(train.VARIANTS) - 1  # the baseline's 3 seeds, then each lever's seed 0, then each lever's seed 1
+    assert ablate.cells()[:4] == [("baseline", 0), ("baseline", 1), ("baseline", 2), ("no-repa", 0)]
+    assert ablate.cells()[3 + levers] == ("no-repa", 1) and ablate.cells()[-1] == (list(train.VARIANTS)[-1], 1)
     assert json.loads((out / f"{ablate.cell_name(*done)}.json").read_text())["short_held"] == 30.0
     table = (tmp_path / "ABLATIONS.md").read_text()
     assert "| baseline | 3 | 101.0 ± 1.0 |" in table  # seeds 0, 1, 2: FID 100, 101, 102
