@@ -245,6 +245,8 @@ def main(argv=None):
         for v, s in cells():
             print(f"{cell_name(v, s):28s} {'todo' if (v, s) in todo else 'done'}")
         return
+    for f in sorted(out.glob("*.json")):  # cells scored before the short-prompt check existed
+        add_short_prompts(f)
     for i, (v, s) in enumerate(todo):
         t0 = time.time()
         print(f"[{len(cells()) - len(todo) + i + 1}/{len(cells())}] {cell_name(v, s)}: training", flush=True)
@@ -252,15 +254,20 @@ def main(argv=None):
         print("    evaluating (CPU protocol, N = 1000)", flush=True)
         r = score_cell(v, s, Path(a.runs), log)
         r["cell_s"] = time.time() - t0
-        (out / f"{cell_name(v, s)}.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
+        path = out / f"{cell_name(v, s)}.json"
+        path.write_text(json.dumps(r, indent=1, default=str) + "\n")
         print(f"    FID {r['fid']:.1f}  held {r['held']:.1f} %  train {r['train']:.1f} %  wall {r['wall_s']:.0f} s  "
               f"({r['cell_s']:.0f} s with evaluation)", flush=True)
-    for f in sorted(out.glob("*.json")):
-        add_short_prompts(f)
-    results = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
-    write_table(results, out.parent / "ABLATIONS.md")
-    print(f"wrote {out.parent / 'ABLATIONS.md'} ({len(results)} cells)")
+        add_short_prompts(path)
+        rewrite_table(out)  # after every cell: a table cut off midway is current
+    rewrite_table(out)
 
+
+def rewrite_table(out: Path):
+    results = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
+    if results:
+        write_table(results, out.parent / "ABLATIONS.md")
+        print(f"wrote {out.parent / 'ABLATIONS.md'} ({len(results)} cells)", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -84,7 +84,7 @@ def test_optimizer_levers_train_as_named(tmp_path, variant):
 
 def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
     """Stub training and scoring (tests only): finished cells are never redone, the table covers every cell."""
-    calls, out, cut_at = [], tmp_path / "cells", [3]
+    calls, out, cut_at = [], tmp_path / "cells", [4]
     out.mkdir()
     done = ("no-repa", 1)
     row = {"fid": 100.0, "held": 20.0, "train": 30.0, "val_loss": 0.1, "img_s": 90.0, "wall_s": 500.0, "cell_s": 600}
@@ -96,7 +96,7 @@ def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
     def fake_train(v, s, runs):
         calls.append((v, s))
         if len(calls) == cut_at[0]:
-            raise TimeoutError("cut off")  # the run is cut off during its third cell
+            raise TimeoutError("cut off")  # the run is cut off during its third cell (after the short check)
         return runs / "log"
 
     def fake_score(v, s, runs, log):
@@ -113,13 +113,13 @@ def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
     with pytest.raises(TimeoutError):
         ablate.main(["--out", str(out), "--runs", str(tmp_path / "runs")])
     assert len(list(out.glob("*.json"))) == 3  # two new cells + the one done before
+    assert "3 of 31 cells" in (tmp_path / "ABLATIONS.md").read_text()  # the table follows every finished cell
     first = list(calls)
     calls.clear()
     cut_at[0] = None
     ablate.main(["--out", str(out), "--runs", str(tmp_path / "runs")])
-    assert calls[0] == first[-1] and set(first[:2]).isdisjoint(calls) and done not in calls
-    assert calls.count("short") == 1  # only the cell scored before the check, once
-    calls.remove("short")
+    assert calls[0] == first[-1] and set(first[1:3]).isdisjoint(calls) and done not in calls
+    assert first[0] == "short" and "short" not in calls  # only the cell scored before the check, once, first
     assert len(calls) == len(ablate.cells()) - 3 and len(ablate.cells()) == 3 + 2 * (len(train.VARIANTS) - 1) == 31
     levers = len(train.VARIANTS) - 1  # the baseline's 3 seeds, then each lever's seed 0, then each lever's seed 1
     assert ablate.cells()[:4] == [("baseline", 0), ("baseline", 1), ("baseline", 2), ("no-repa", 0)]
@@ -186,7 +186,8 @@ def test_every_variant_spends_the_baselines_compute(tmp_path):
         steps[name] = tr.stages[1].steps
     run = train.setup(dict(env, SPEEDRUN_VARIANT="adamw-only"))  # setup fits the variant it runs
     assert run.tr.stages[1].steps == steps["adamw-only"] and run.ns_flops == 0
-    assert steps["adamw-only"] > 1.3 * steps["baseline"] and steps["repa-always"] < steps["baseline"]
+    # AdamW saves the Newton-Schulz FLOPs (~12 % of a 64 px step at width 64, muon.ns_flops): ~1.2x the main steps
+    assert steps["adamw-only"] > 1.15 * steps["baseline"] and steps["repa-always"] < steps["baseline"]
     assert steps["bf16-weights"] == steps["long-only"] == steps["baseline"]  # the same cost: nothing to take up
     assert steps["v-pred"] == steps["contrastive-fm"] == steps["ema-restart"] == steps["baseline"]
     assert steps["tread"] > steps["baseline"] > steps["dino-loss"]  # TREAD saves compute, the DINO loss costs some
