@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
     """Quintic Newton-Schulz orthogonalisation of one matrix [m, n] or a stack [k, m, n], in bf16 the exact op sequence
-    of torch.optim.Muon (torch 2.9+; on CPU a stack gives each matrix's result bit for bit, tested)."""
+    of torch.optim.Muon (torch 2.9+; on CPU a bf16 stack gives each matrix's result bit for bit, an fp32 one to
+    rounding: AVX-512 kernels round with the stack size; tested)."""
     if G.ndim == 2:
         return zeropower_via_newtonschulz5(G[None], steps, eps, dtype)[0]
     a, b, c = 3.4445, -4.7750, 2.0315

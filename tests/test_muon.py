@@ -32,8 +32,10 @@ def test_muon_matches_torch_muon():
 
 
 def test_stacked_newton_schulz_is_each_matrix_bit_for_bit():
-    """Muon runs one Newton-Schulz per same-shape stack: each matrix comes out as it would alone (tall, wide, square;
-    bf16 and the CPU track's fp32)."""
+    """Muon runs one Newton-Schulz per same-shape stack: each matrix comes out as it would alone (tall, wide, square):
+    bit for bit in bf16 (torch.optim.Muon's precision); in the CPU track's fp32 to rounding, since an AVX-512 box's
+    fp32 batched matmul rounds differently with the stack size (measured: <= 1.1e-6 on values ~0.1-1; bit for bit on
+    an AVX2 box)."""
     g = torch.Generator().manual_seed(1)
     for shape in [(64, 170), (170, 64), (64, 64)]:
         G = torch.randn(3, *shape, generator=g)
@@ -41,6 +43,7 @@ def test_stacked_newton_schulz_is_each_matrix_bit_for_bit():
             stacked = muon.zeropower_via_newtonschulz5(G, dtype=dtype)
             assert stacked.shape == G.shape and stacked.dtype == dtype
             for x, y in zip(G, stacked):
-                assert torch.equal(muon.zeropower_via_newtonschulz5(x, dtype=dtype), y)
+                alone = muon.zeropower_via_newtonschulz5(x, dtype=dtype)
+                assert torch.equal(alone, y) if dtype == torch.bfloat16 else torch.allclose(alone, y, rtol=0, atol=1e-5)
             s = torch.linalg.svdvals(stacked.float())  # and it orthogonalises: the bulk of singular values near 1
             assert 0.6 < s.median() < 1.2 and s.max() < 1.5 and torch.linalg.svdvals(G).max() > 10
