@@ -247,6 +247,7 @@ def main(argv=None):
         return
     for f in sorted(out.glob("*.json")):  # cells scored before the short-prompt check existed
         add_short_prompts(f)
+    rewrite_table(out)
     for i, (v, s) in enumerate(todo):
         t0 = time.time()
         print(f"[{len(cells()) - len(todo) + i + 1}/{len(cells())}] {cell_name(v, s)}: training", flush=True)
@@ -260,7 +261,6 @@ def main(argv=None):
               f"({r['cell_s']:.0f} s with evaluation)", flush=True)
         add_short_prompts(path)
         rewrite_table(out)  # after every cell: a table cut off midway is current
-    rewrite_table(out)
 
 
 def rewrite_table(out: Path):
@@ -268,6 +268,7 @@ def rewrite_table(out: Path):
     if results:
         write_table(results, out.parent / "ABLATIONS.md")
         print(f"wrote {out.parent / 'ABLATIONS.md'} ({len(results)} cells)", flush=True)
+
 
 if __name__ == "__main__":
     main()

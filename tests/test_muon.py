@@ -34,8 +34,7 @@ def test_muon_matches_torch_muon():
 def test_stacked_newton_schulz_is_each_matrix_bit_for_bit():
     """Muon runs one Newton-Schulz per same-shape stack: each matrix comes out as it would alone (tall, wide, square):
     bit for bit in bf16 (torch.optim.Muon's precision); in the CPU track's fp32 to rounding, since an AVX-512 box's
-    fp32 batched matmul rounds differently with the stack size (measured: <= 1.1e-6 on values ~0.1-1; bit for bit on
-    an AVX2 box)."""
+    fp32 batched matmul rounds differently with the stack size (measured on one: <= 1.1e-6 on values ~0.1-1)."""
     g = torch.Generator().manual_seed(1)
     for shape in [(64, 170), (170, 64), (64, 64)]:
         G = torch.randn(3, *shape, generator=g)
