@@ -54,7 +54,8 @@ PRX_EFFECT = {
 }
 COLUMNS = (("fid", "FID", 1), ("held", "held-out adherence %", 1), ("train", "train-prompt adherence %", 1),
            ("val_loss", "val loss", 4), ("short_held", "short prompts: held-out %", 1),
-           ("short_train", "short prompts: train %", 1), ("img_s", "img/s", 1), ("wall_s", "wall s", 0))
+           ("short_train", "short prompts: train %", 1), ("img_s", "img/s", 1), ("wall_s", "wall s", 0),
+           ("steps", "steps", 0))  # optimizer steps on the baseline's FLOPs: what a lever costs per step
 QUALITY = COLUMNS[:6]  # the columns that do not depend on timing: pooled sd and the comparison with the baseline
 SHORT_N = 200  # scenes per split of the short-prompt check
 READING = "## Reading"  # ABLATIONS.md from this heading on is written by hand and kept when the table is rewritten
@@ -100,9 +101,16 @@ def score_cell(variant, seed, runs: Path, log: Path) -> dict:
     wall = float(done[-1])
     seen = record.parse_log(log)[-1]["seen"]
     val = record.parse_val_loss([log])
-    return {"variant": variant, "seed": seed, "fid": m["fid"], "held": 100 * m["adherence"]["all"],
-            "train": 100 * m["adherence_train"]["all"], "val_loss": val[max(val)]["mean"], "img_s": seen / wall,
+    return {"variant": variant, "seed": seed, "steps": checkpoint_steps(ckpt), "fid": m["fid"],
+            "held": 100 * m["adherence"]["all"], "train": 100 * m["adherence_train"]["all"],
+            "val_loss": val[max(val)]["mean"], "img_s": seen / wall,
             "wall_s": wall, "eval_s": m["eval_seconds"], "ckpt": str(ckpt), "metrics": m}
+
+
+def checkpoint_steps(ckpt) -> int | None:
+    """Optimizer steps a cell trained: its last checkpoint's name (train.py: step-<8 digits>)."""
+    found = re.fullmatch(r"step-(\d+)", Path(str(ckpt)).name)
+    return int(found.group(1)) if found else None
 
 
 def short_prompt_adherence(model, enc, track="cpu", n=SHORT_N) -> dict:
@@ -166,7 +174,7 @@ def write_table(results: list[dict], path: Path):
         cells_ = []
         for key, _, digits in COLUMNS:
             mean, sd, _ = cols[key]
-            spread = f" ± {sd:.{digits}f}" if sd is not None else ""
+            spread = f" ± {sd:.{digits}f}" if sd is not None and key != "steps" else ""
             cells_.append("–" if mean is None else f"{mean:.{digits}f}{spread}")
         lines.append(f"| {v} | {cols['fid'][2]} | " + " | ".join(cells_) + f" | {PRX_EFFECT[v]} |")
     # every cell, so that the spread behind each mean ± sd is visible
@@ -202,7 +210,9 @@ def write_table(results: list[dict], path: Path):
         "training-distribution prompts). Short prompts: the same checker on short captions (colour and shape, "
         f"wherever the object is; outside the frozen protocol; {SHORT_N} scenes each). img/s: images seen / wall_s; "
         "wall clock and img/s compare only between cells trained on an otherwise idle machine, the quality columns "
-        "do not depend on timing (every cell trains all its steps). PRX's column gives the direction of its published "
+        "do not depend on timing (every cell trains all its steps). steps: optimizer steps on the baseline's "
+        "training FLOPs (the main stage takes up the difference): fewer where a lever costs more per step. "
+        "PRX's column gives the direction of its published "
         "effect; its scale (FID of a 1.2B model on photos) does not transfer. The reading: at the end.\n\n" +
         "\n".join(lines) + "\n\n" + noise + "\n## Against the baseline\n\n"
         "Difference of means (variant - baseline) and, in brackets, that difference in standard errors (pooled sd x "
@@ -265,6 +275,9 @@ def main(argv=None):
 
 def rewrite_table(out: Path):
     results = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
+    for r in results:  # cells scored before the steps column existed
+        if "steps" not in r and checkpoint_steps(r.get("ckpt", "")) is not None:
+            r["steps"] = checkpoint_steps(r["ckpt"])
     if results:
         write_table(results, out.parent / "ABLATIONS.md")
         print(f"wrote {out.parent / 'ABLATIONS.md'} ({len(results)} cells)", flush=True)

@@ -88,9 +88,10 @@ def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
     out.mkdir()
     done = ("no-repa", 1)
     row = {"fid": 100.0, "held": 20.0, "train": 30.0, "val_loss": 0.1, "img_s": 90.0, "wall_s": 500.0, "cell_s": 600}
-    (tmp_path / "ckpt").mkdir()  # scored before the short-prompt check existed: the table adds it from the checkpoint
+    ckpt = tmp_path / "step-00001711"  # scored before the short-prompt check and the steps column existed: the
+    ckpt.mkdir()  # table adds both from the checkpoint (its steps from its name)
     (out / f"{ablate.cell_name(*done)}.json").write_text(
-        json.dumps(dict(row, variant=done[0], seed=done[1], ckpt=str(tmp_path / "ckpt"))))
+        json.dumps(dict(row, variant=done[0], seed=done[1], ckpt=str(ckpt))))
     short = {"short_held": 10.0, "short_train": 20.0}
 
     def fake_train(v, s, runs):
@@ -100,7 +101,7 @@ def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
         return runs / "log"
 
     def fake_score(v, s, runs, log):
-        return dict(row, variant=v, seed=s, fid=100.0 + s, **short)
+        return dict(row, variant=v, seed=s, fid=100.0 + s, steps=2202 if (v, s) != ("no-repa", 0) else 2692, **short)
 
     def fake_short(model, enc):
         calls.append("short")
@@ -128,6 +129,8 @@ def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
     table = (tmp_path / "ABLATIONS.md").read_text()
     assert "| baseline | 3 | 101.0 ± 1.0 |" in table  # seeds 0, 1, 2: FID 100, 101, 102
     assert "| baseline-seed2 | 102.0 |" in table
+    assert "| no-repa-seed1 | 100.0 | 20.0 | 30.0 | 0.1000 | 30.0 | 40.0 | 90.0 | 500 | 1711 | 0 |" in table
+    assert "| no-repa | 2 | 100.0 ± 0.0 |" in table and " | 2202 | worse: FID 14.64" in table  # steps: no ± sd
     assert "(16 degrees of freedom): FID 0.7;" in table  # pooled: (2 + 13 x 0.5) / 16 (no-repa-seed1: FID 100)
     assert (tmp_path / "ABLATIONS.png").stat().st_size > 0
     assert table.endswith("## Reading\n\n(not written yet)\n")
