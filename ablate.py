@@ -101,7 +101,7 @@ def score_cell(variant, seed, runs: Path, log: Path) -> dict:
     wall = float(done[-1])
     seen = record.parse_log(log)[-1]["seen"]
     val = record.parse_val_loss([log])
-    return {"variant": variant, "seed": seed, "steps": checkpoint_steps(ckpt), "fid": m["fid"],
+    return {"variant": variant, "seed": seed, "fid": m["fid"],
             "held": 100 * m["adherence"]["all"], "train": 100 * m["adherence_train"]["all"],
             "val_loss": val[max(val)]["mean"], "img_s": seen / wall,
             "wall_s": wall, "eval_s": m["eval_seconds"], "ckpt": str(ckpt), "metrics": m}
@@ -275,9 +275,9 @@ def main(argv=None):
 
 def rewrite_table(out: Path):
     results = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
-    for r in results:  # cells scored before the steps column existed
-        if "steps" not in r and checkpoint_steps(r.get("ckpt", "")) is not None:
-            r["steps"] = checkpoint_steps(r["ckpt"])
+    for r in results:  # the steps column: derived from each cell's last checkpoint, not stored
+        if "steps" not in r and (n := checkpoint_steps(r.get("ckpt", ""))) is not None:
+            r["steps"] = n
     if results:
         write_table(results, out.parent / "ABLATIONS.md")
         print(f"wrote {out.parent / 'ABLATIONS.md'} ({len(results)} cells)", flush=True)
