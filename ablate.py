@@ -6,7 +6,7 @@ ablate.py: PRX's ablation table in miniature, on the CPU track, with a measured 
 
 A cell is one variant of train.VARIANTS (one lever of the CPU track changed) with one seed: the README's training
 command (torchrun, all cores) with SPEEDRUN_VARIANT and SPEEDRUN_SEED, then the CPU protocol's evaluation (eval.py, N =
-1000). The baseline runs 3 seeds, every other variant 2 (31 cells), each on the baseline's training FLOPs. A finished
+1000). The baseline runs 3 seeds, every other variant 2 (33 cells), each on the baseline's training FLOPs. A finished
 cell's result (<out>/<cell>.json) is never redone; a cell cut off midway resumes its training from the last checkpoint
 (train.py's exact resume). Each cell is also scored on short prompts (outside the frozen protocol), the prompts the
 mixed fine-tune is for.
@@ -51,6 +51,7 @@ PRX_EFFECT = {
     "dino-loss": "no single-lever number: part of PRX Part 3's 24-hour recipe (weight 0.01)",
     "ema-restart": "no published number: PRX Part 3 kept one EMA (0.999) through its run",
     "prx-shift": "no published ablation: PRX Part 3 trained and sampled at a fixed shift of 3.0",
+    "sft-shift1.5": "no PRX counterpart: PRX keeps one shift (3.0) in every stage; a CPU-track lever for FID",
 }
 COLUMNS = (("fid", "FID", 1), ("held", "held-out adherence %", 1), ("train", "train-prompt adherence %", 1),
            ("val_loss", "val loss", 4), ("short_held", "short prompts: held-out %", 1),

@@ -72,6 +72,7 @@ class Stage:
     source: str  # data source (data.SOURCES key)
     tread: float = 0.0  # TREAD: share of the tokens routed around the blocks cfg.tread_start:tread_end (0 = off)
     ema_restart: bool = False  # the EMA restarts from the weights at the stage's start (a fine-tune's own average)
+    shift: float = 0.0  # > 0: this stage's own fixed time shift (as Track.shift_fixed) instead of the track's rule
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,7 @@ VARIANTS = {
     "dino-loss": ({"dino_loss": 0.01}, {}),  # PRX Part 3's DINO feature loss (the scene teacher), every stage
     "ema-restart": ({}, {3: {"ema_restart": True}}),  # the fine-tune's EMA starts from the fine-tune's first weights
     "prx-shift": ({"shift_fixed": 3.0}, {}),  # PRX's fixed time shift 3.0 instead of the resolution rule
+    "sft-shift1.5": ({}, {3: {"shift": 1.5}}),  # the fine-tune at a fixed shift 1.5: more low-noise (texture) steps
 }
 
 
@@ -276,7 +278,7 @@ def draw_samples(run, index, step) -> Draws:
         key = sample_key(run.tr.seed, step, i)
         g = torch.Generator().manual_seed(key)
         u, z = torch.rand(4, generator=g), torch.randn(1, generator=g)
-        t.append(model.training_time(u[:2], z, a, run.tr.shift_fixed))
+        t.append(model.training_time(u[:2], z, a, st.shift or run.tr.shift_fixed))
         cap.append(bool(u[2] < run.tr.caption_drop))
         pd.append(bool(u[3] < st.path_drop))
         if st.sprint_drop or st.tread:
@@ -642,7 +644,8 @@ def stage_grid(run):
     """Fixed-prompt grid of the EMA weights at the stage's resolution (the sampler of model.py, via eval.py)."""
     path = run.out / "logs" / f"{run.id}-samples" / f"stage{run.k + 1}-{run.stage.name}.png"
     evaluation.sample_grid(run.ema, run.enc, evaluation.grid_prompts(run.tr.name), run.stage.res, str(path),
-                           steps=run.tr.sample_steps, shift=run.tr.shift_fixed or run.stage.res / run.tr.shift_base)
+                           steps=run.tr.sample_steps,
+                           shift=run.stage.shift or run.tr.shift_fixed or run.stage.res / run.tr.shift_base)
     log(run, f"sample_grid:{path}", console=True)
 
 

@@ -33,6 +33,7 @@ EXPECTED = {
     "dino-loss": {("track", "dino_loss")},
     "ema-restart": {(3, "ema_restart")},
     "prx-shift": {("track", "shift_fixed")},
+    "sft-shift1.5": {(3, "shift")},
 }
 
 
@@ -114,14 +115,14 @@ def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
     with pytest.raises(TimeoutError):
         ablate.main(["--out", str(out), "--runs", str(tmp_path / "runs")])
     assert len(list(out.glob("*.json"))) == 3  # two new cells + the one done before
-    assert "3 of 31 cells" in (tmp_path / "ABLATIONS.md").read_text()  # the table follows every finished cell
+    assert "3 of 33 cells" in (tmp_path / "ABLATIONS.md").read_text()  # the table follows every finished cell
     first = list(calls)
     calls.clear()
     cut_at[0] = None
     ablate.main(["--out", str(out), "--runs", str(tmp_path / "runs")])
     assert calls[0] == first[-1] and set(first[1:3]).isdisjoint(calls) and done not in calls
     assert first[0] == "short" and "short" not in calls  # only the cell scored before the check, once, first
-    assert len(calls) == len(ablate.cells()) - 3 and len(ablate.cells()) == 3 + 2 * (len(train.VARIANTS) - 1) == 31
+    assert len(calls) == len(ablate.cells()) - 3 and len(ablate.cells()) == 3 + 2 * (len(train.VARIANTS) - 1) == 33
     levers = len(train.VARIANTS) - 1  # the baseline's 3 seeds, then each lever's seed 0, then each lever's seed 1
     assert ablate.cells()[:4] == [("baseline", 0), ("baseline", 1), ("baseline", 2), ("no-repa", 0)]
     assert ablate.cells()[3 + levers] == ("no-repa", 1) and ablate.cells()[-1] == (list(train.VARIANTS)[-1], 1)
@@ -131,7 +132,7 @@ def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
     assert "| baseline-seed2 | 102.0 |" in table
     assert "| no-repa-seed1 | 100.0 | 20.0 | 30.0 | 0.1000 | 30.0 | 40.0 | 90.0 | 500 | 1711 | 0 |" in table
     assert "| no-repa | 2 | 100.0 ± 0.0 |" in table and " | 2202 | worse: FID 14.64" in table  # steps: no ± sd
-    assert "(16 degrees of freedom): FID 0.7;" in table  # pooled: (2 + 13 x 0.5) / 16 (no-repa-seed1: FID 100)
+    assert "(17 degrees of freedom): FID 0.7;" in table  # pooled: (2 + 14 x 0.5) / 17 (no-repa-seed1: FID 100)
     assert (tmp_path / "ABLATIONS.png").stat().st_size > 0
     assert table.endswith("## Reading\n\n(not written yet)\n")
     (tmp_path / "ABLATIONS.md").write_text(table.replace("(not written yet)", "What reproduces: ..."))

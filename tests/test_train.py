@@ -375,3 +375,20 @@ def test_binned_validation_loss_is_deterministic_and_binned(tmp_path):
     assert captions == [s.long_caption for s in scenes.heldout_scenes(32)]
 
 
+def test_a_stage_shift_draws_that_stages_times_only(tmp_path):
+    """Stage.shift (the sft-shift1.5 lever): that stage's timesteps follow model.training_time at its fixed shift
+    (uniform draws unshifted), the other stages keep the track's resolution rule; the draws are otherwise the same."""
+    track = dataclasses.replace(TINY, stages=TINY.stages[:3] + (dataclasses.replace(TINY.stages[3], shift=1.5),))
+    run, index = make_run(tmp_path, track), torch.arange(16)
+    for k, fixed in ((2, 0.0), (3, 1.5)):
+        train.enter_stage(run, k)
+        d = train.draw_samples(run, index, step=5)
+        a = track.stages[k].res / track.shift_base
+        want, rule = [], []
+        for i in index.tolist():  # the per-sample generator's first draws, as draw_samples makes them
+            g = torch.Generator().manual_seed(train.sample_key(track.seed, 5, i))
+            u, z = torch.rand(4, generator=g), torch.randn(1, generator=g)
+            want.append(model.training_time(u[:2], z, a, fixed))
+            rule.append(model.training_time(u[:2], z, a))
+        torch.testing.assert_close(d.t, torch.tensor(want, dtype=d.t.dtype))
+        assert torch.allclose(d.t, torch.tensor(rule, dtype=d.t.dtype)) == (not fixed)  # the shift changes them
