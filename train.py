@@ -267,6 +267,11 @@ class Draws(NamedTuple):
     keep: torch.Tensor | None  # [B, Nk] SPRINT's or TREAD's kept token indices (None when dense)
 
 
+def fixed_shift(tr: Track, st: Stage) -> float:
+    """The fixed time shift a stage trains and samples its grids at: its own, else the track's; 0 = the SD3 rule."""
+    return st.shift or tr.shift_fixed
+
+
 def draw_samples(run, index, step) -> Draws:
     """Timesteps, noise, caption/path drops and SPRINT / TREAD kept indices of one micro-batch, one torch.Generator per
     sample seeded from its global index: 1, 2, 4 or 8 processes (any micro-batch split) draw the same numbers."""
@@ -278,7 +283,7 @@ def draw_samples(run, index, step) -> Draws:
         key = sample_key(run.tr.seed, step, i)
         g = torch.Generator().manual_seed(key)
         u, z = torch.rand(4, generator=g), torch.randn(1, generator=g)
-        t.append(model.training_time(u[:2], z, a, st.shift or run.tr.shift_fixed))
+        t.append(model.training_time(u[:2], z, a, fixed_shift(run.tr, st)))
         cap.append(bool(u[2] < run.tr.caption_drop))
         pd.append(bool(u[3] < st.path_drop))
         if st.sprint_drop or st.tread:
@@ -645,7 +650,7 @@ def stage_grid(run):
     path = run.out / "logs" / f"{run.id}-samples" / f"stage{run.k + 1}-{run.stage.name}.png"
     evaluation.sample_grid(run.ema, run.enc, evaluation.grid_prompts(run.tr.name), run.stage.res, str(path),
                            steps=run.tr.sample_steps,
-                           shift=run.stage.shift or run.tr.shift_fixed or run.stage.res / run.tr.shift_base)
+                           shift=fixed_shift(run.tr, run.stage) or run.stage.res / run.tr.shift_base)
     log(run, f"sample_grid:{path}", console=True)
 
 
