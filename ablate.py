@@ -51,7 +51,7 @@ PRX_EFFECT = {
     "dino-loss": "no single-lever number: part of PRX Part 3's 24-hour recipe (weight 0.01)",
     "ema-restart": "no published number: PRX Part 3 kept one EMA (0.999) through its run",
     "prx-shift": "no published ablation: PRX Part 3 trained and sampled at a fixed shift of 3.0",
-    "sft-shift1.5": "no PRX counterpart: PRX keeps one shift (3.0) in every stage; a CPU-track lever for FID",
+    "sft-shift-rule": "no PRX counterpart: PRX keeps one shift (3.0) in every stage; the track fine-tunes at 1.5",
 }
 COLUMNS = (("fid", "FID", 1), ("held", "held-out adherence %", 1), ("train", "train-prompt adherence %", 1),
            ("val_loss", "val loss", 4), ("short_held", "short prompts: held-out %", 1),

@@ -152,7 +152,8 @@ CPU = Track(
         Stage("burn-in",  64,  516,  32,   32,       0.0,    0.5, 0.0,        0.0,      (1.0, 1.0), "scenes"),
         Stage("main",     64,  1351, 32,   32,       0.0,    0.0, 0.0,        0.0,      (1.0, 1.0), "scenes"),
         Stage("high-res", 96,  180,  32,   32,       0.0,    0.0, 0.0,        0.0,      (1.0, 1.0), "scenes"),
-        Stage("sft",      96,  155,  32,   32,       0.5,    0.0, 0.0,        0.1,      (1.0, 0.0), "scenes"),
+        Stage("sft",      96,  155,  32,   32,       0.5,    0.0, 0.0,        0.1,      (1.0, 0.0), "scenes",
+              shift=1.5),  # its own low shift: more low-noise steps, cleaner flat colours (records/cpu/NOTES.md)
     ))
 # The GPU miniature (SPEEDRUN_TRACK=mini; `python -m tools.gpu_mini` trains and scores it): the CPU track's scenes,
 # caption pool, teacher and adherence checker on the record track's GPU path (bf16 autocast, compiled blocks, bf16
@@ -187,8 +188,8 @@ VARIANTS = {
     "v-pred": ({"pred": "v"}, {}),  # v-prediction instead of JiT's x-prediction
     "dino-loss": ({"dino_loss": 0.01}, {}),  # PRX Part 3's DINO feature loss (the scene teacher), every stage
     "ema-restart": ({}, {3: {"ema_restart": True}}),  # the fine-tune's EMA starts from the fine-tune's first weights
-    "prx-shift": ({"shift_fixed": 3.0}, {}),  # PRX's fixed time shift 3.0 instead of the resolution rule
-    "sft-shift1.5": ({}, {3: {"shift": 1.5}}),  # the fine-tune at a fixed shift 1.5: more low-noise (texture) steps
+    "prx-shift": ({"shift_fixed": 3.0}, {3: {"shift": 0.0}}),  # PRX's fixed time shift 3.0 in every stage
+    "sft-shift-rule": ({}, {3: {"shift": 0.0}}),  # the fine-tune at the track's resolution rule (6), not at 1.5
 }
 
 

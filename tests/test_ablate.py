@@ -32,8 +32,8 @@ EXPECTED = {
     "v-pred": {("track", "pred")},
     "dino-loss": {("track", "dino_loss")},
     "ema-restart": {(3, "ema_restart")},
-    "prx-shift": {("track", "shift_fixed")},
-    "sft-shift1.5": {(3, "shift")},
+    "prx-shift": {("track", "shift_fixed"), (3, "shift")},
+    "sft-shift-rule": {(3, "shift")},
 }
 
 

@@ -315,5 +315,5 @@ def test_sampler_sweep_settings_override_only_what_they_name():
     assert parse_setting("heun:16:3") == {"method": "heun", "steps": 16, "shift": 3.0}
     assert parse_setting("euler:8:6:1.5:0.3-1") == {"method": "euler", "steps": 8, "shift": 6.0, "cfg_scale": 1.5,
                                                     "interval": (0.3, 1.0)}
-    proto = dict(ev.PROTOCOLS["cpu"], **parse_setting("euler:8:6:1.5"))
-    assert ev.protocol_hash(proto) == ev.protocol_hash(ev.PROTOCOLS["cpu"])  # v3's own sampler: the same hash
+    proto = dict(ev.PROTOCOLS["cpu"], **parse_setting("euler:16:3:1.5"))
+    assert ev.protocol_hash(proto) == ev.protocol_hash(ev.PROTOCOLS["cpu"])  # v4's own sampler: the same hash

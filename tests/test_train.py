@@ -376,8 +376,9 @@ def test_binned_validation_loss_is_deterministic_and_binned(tmp_path):
 
 
 def test_a_stage_shift_draws_that_stages_times_only(tmp_path):
-    """Stage.shift (the sft-shift1.5 lever): that stage's timesteps follow model.training_time at its fixed shift
-    (uniform draws unshifted), the other stages keep the track's resolution rule; the draws are otherwise the same."""
+    """Stage.shift (the CPU track's fine-tune at 1.5): that stage's timesteps follow model.training_time at its fixed
+    shift (uniform draws unshifted), the other stages keep the track's resolution rule; the draws are
+    otherwise the same."""
     track = dataclasses.replace(TINY, stages=TINY.stages[:3] + (dataclasses.replace(TINY.stages[3], shift=1.5),))
     run, index = make_run(tmp_path, track), torch.arange(16)
     for k, fixed in ((2, 0.0), (3, 1.5)):
