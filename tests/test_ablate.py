@@ -133,6 +133,7 @@ def test_table_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
     assert "| no-repa-seed1 | 100.0 | 20.0 | 30.0 | 0.1000 | 30.0 | 40.0 | 90.0 | 500 | 1711 | 0 |" in table
     assert "| no-repa | 2 | 100.0 ± 0.0 |" in table and " | 2202 | worse: FID 14.64" in table  # steps: no ± sd
     assert "(17 degrees of freedom): FID 0.7;" in table  # pooled: (2 + 14 x 0.5) / 17 (no-repa-seed1: FID 100)
+    assert "adds up to 0.17 h over the 33 cells that have one" in table  # 600 s + 32 cells of (faked) ~0 s
     assert (tmp_path / "ABLATIONS.png").stat().st_size > 0
     assert table.endswith("## Reading\n\n(not written yet)\n")
     (tmp_path / "ABLATIONS.md").write_text(table.replace("(not written yet)", "What reproduces: ..."))
