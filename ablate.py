@@ -90,7 +90,8 @@ def train_cell(variant, seed, runs: Path) -> Path:
 
 
 def score_cell(variant, seed, runs: Path, log: Path) -> dict:
-    """CPU-protocol evaluation of the cell's final EMA weights, plus the log's wall clock, img/s and val loss."""
+    """CPU-protocol evaluation of the cell's final EMA weights and the short-prompt check, plus the log's wall clock,
+    img/s and val loss."""
 
     name = cell_name(variant, seed)
     ckpt = checkpoint.latest_checkpoint(runs / "checkpoints" / name)
@@ -105,7 +106,8 @@ def score_cell(variant, seed, runs: Path, log: Path) -> dict:
     return {"variant": variant, "seed": seed, "fid": m["fid"],
             "held": 100 * m["adherence"]["all"], "train": 100 * m["adherence_train"]["all"],
             "val_loss": val[max(val)]["mean"], "img_s": seen / wall,
-            "wall_s": wall, "eval_s": m["eval_seconds"], "ckpt": str(ckpt), "metrics": m}
+            "wall_s": wall, "eval_s": m["eval_seconds"], "ckpt": str(ckpt), "metrics": m,
+            **short_prompt_adherence(model, enc)}  # the same loaded weights, outside the frozen protocol
 
 
 def checkpoint_steps(ckpt) -> int | None:
@@ -270,9 +272,6 @@ def main(argv=None):
         log = train_cell(v, s, Path(a.runs))
         print("    evaluating (CPU protocol, N = 1000)", flush=True)
         r = score_cell(v, s, Path(a.runs), log)
-        if "short_held" not in r:
-            print("    short-prompt check", flush=True)
-            r.update(short_prompt_adherence(*evaluation.load_checkpoint(r["ckpt"])))
         r["cell_s"] = time.time() - t0  # the cell's whole wall clock: training command, evaluation, short prompts
         path = out / f"{cell_name(v, s)}.json"
         path.write_text(json.dumps(r, indent=1, default=str) + "\n")
