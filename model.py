@@ -1,5 +1,4 @@
-"""
-model.py: the PRX text-to-image denoiser in pixel space, in one file.
+"""model.py: the PRX text-to-image denoiser in pixel space, in one file.
 
   PRX (Photoroom 2025; diffusers `PRXTransformer2DModel`): image tokens are the only queries; they attend over
   [text keys ; image keys]; text is projected once and never updated.
